@@ -1,0 +1,454 @@
+"""DiffDISPipeline: image -> mask (and edge) in one UNet step.
+
+The stages are public so front ends (the ComfyUI nodes) can run them one by one:
+``encode_condition`` (image -> multi-scale RGB latents), ``segment`` (one UNet step -> mask and edge
+latents) and ``decode`` (latents -> maps at the input size). ``__call__`` chains them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .configs import LATENT_SCALE_FACTOR, SD_TURBO_SCHEDULER_CONFIG
+from .errors import DiffDISError
+from .hub import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, EMPTY_EMBED_KEY, download, is_repo_id
+from .text import encode_empty_prompt, load_empty_embedding, save_empty_embedding
+from .unet import DiffDISUNet, read_unet_state_dict
+
+ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray | torch.Tensor
+
+# The authors' test-time augmentation: horizontal flip x scales 0.75 / 1 / 1.25 (six views).
+TTA_VIEWS = [(False, 1.0), (True, 1.0), (False, 0.75), (True, 0.75), (False, 1.25), (True, 1.25)]
+
+
+@dataclass
+class DiffDISCondition:
+    """What the UNet is conditioned on, for a batch of B images."""
+
+    image: torch.Tensor  # [B, 3, R, R] in [-1, 1] at the processing resolution (kept for TTA views)
+    rgb_latents: list[torch.Tensor]  # VAE latents of the image at full, 1/2, 1/4, 1/8 side: [B, 4, R/8 / 2^k]
+    sizes: list[tuple[int, int]]  # each input image's (height, width)
+
+    def to(self, device: torch.device | str | None = None) -> "DiffDISCondition":
+        return DiffDISCondition(self.image.to(device), [r.to(device) for r in self.rgb_latents], list(self.sizes))
+
+
+@dataclass
+class SegmentationView:
+    """One augmented view's one-step predictions: ``[draws, B, 4, h, w]`` latents for mask and edge."""
+
+    mask_latents: torch.Tensor
+    edge_latents: torch.Tensor
+    flip: bool = False
+    scale: float = 1.0
+
+
+@dataclass
+class DiffDISLatents:
+    """The one-step x0 predictions of a batch, per view (one view unless TTA is on)."""
+
+    views: list[SegmentationView]
+    sizes: list[tuple[int, int]]
+    processing_res: int
+
+    @property
+    def mask_latents(self) -> torch.Tensor:
+        """The first draw of the plain view: [B, 4, h, w]."""
+        return self.views[0].mask_latents[0]
+
+    @property
+    def edge_latents(self) -> torch.Tensor:
+        return self.views[0].edge_latents[0]
+
+
+@dataclass
+class DiffDISOutput(BaseOutput):
+    """``mask`` and ``edge``: [B, 1, H, W] float in [0, 1] at the input size (a list of [1, 1, H_i, W_i]
+    tensors when the inputs differ in size); ``edge`` is None when not decoded."""
+
+    mask: torch.Tensor | list[torch.Tensor]
+    edge: torch.Tensor | list[torch.Tensor] | None = None
+
+
+def to_image_batch(image: ImageInput) -> list[torch.Tensor]:
+    """Any supported image input -> a list of float [3, H, W] tensors in [0, 1] (CPU)."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)):
+        out = []
+        for item in image:
+            if isinstance(item, Image.Image):
+                out.append(torch.from_numpy(np.asarray(item.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1))
+            else:
+                out.extend(to_image_batch(item))
+        return out
+    if isinstance(image, np.ndarray):
+        array = image if image.ndim == 4 else image[None]
+        if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+            raise DiffDISError(f"a numpy image must be HWC or BHWC with 1, 3 or 4 channels, got shape {image.shape}")
+        scale = 255.0 if array.dtype == np.uint8 else 65535.0 if array.dtype == np.uint16 else 1.0
+        tensor = torch.from_numpy(array.astype(np.float32) / scale).permute(0, 3, 1, 2)
+        return list(_to_rgb(tensor))
+    if isinstance(image, torch.Tensor):
+        tensor = image if image.ndim == 4 else image[None]
+        if tensor.ndim != 4 or tensor.shape[1] not in (1, 3, 4) or not tensor.is_floating_point():
+            raise DiffDISError(f"a tensor image must be float [B, 3, H, W] in [0, 1], got {tuple(image.shape)} "
+                               f"{image.dtype}")
+        return list(_to_rgb(tensor.float()))
+    raise DiffDISError(f"unsupported image input {type(image).__name__}: give PIL images, a uint8 HWC array "
+                       "or a float [B, 3, H, W] tensor in [0, 1]")
+
+
+def _to_rgb(tensor: torch.Tensor) -> torch.Tensor:
+    channels = tensor.shape[1]
+    return tensor.expand(-1, 3, -1, -1) if channels == 1 else tensor[:, :3]
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize; antialiased when shrinking (like PIL), a no-op at the same size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
+    """The authors' per-map min-max normalisation to [0, 1] (a constant map becomes 0)."""
+    flat = x.flatten(1)
+    low = flat.min(dim=1).values.view(-1, *[1] * (x.ndim - 1))
+    high = flat.max(dim=1).values.view(-1, *[1] * (x.ndim - 1))
+    return (x - low) / (high - low).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def bde_labels(batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Batch-discriminative embedding inputs: [sin 0, sin 1, cos 0, cos 1] for mask items, swapped for edge."""
+    labels = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=device, dtype=torch.float32)
+    return torch.cat([labels.sin(), labels.cos()], dim=-1).repeat_interleave(batch, 0).to(dtype)
+
+
+class DiffDISPipeline:
+    """One-step DiffDIS segmentation: ``pipe(image).mask``.
+
+    Components: ``unet`` (DiffDISUNet), ``vae`` (AutoencoderKL), ``scheduler`` (for the noise
+    schedule) and ``empty_text_embed`` ([1, tokens, dim], the text encoder's output for the unpadded
+    empty prompt; the text encoder itself is not kept).
+    """
+
+    def __init__(self, unet: DiffDISUNet, vae: AutoencoderKL, scheduler: DDPMScheduler,
+                 empty_text_embed: torch.Tensor):
+        self.unet = unet.eval()
+        self.vae = vae.eval()
+        self.scheduler = scheduler
+        self.empty_text_embed = empty_text_embed.to(unet.device, unet.dtype)
+        self.progress_bar: Callable[..., Any] | None = None
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffDISPipeline":
+        """Move (and cast) the pipeline. In float16 the VAE stays float32 when its config asks to
+        (``force_upcast``: the SD VAE overflows in float16)."""
+        dtype = dtype or self.dtype
+        vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast") else dtype
+        # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules these models do not have.
+        torch.nn.Module.to(self.unet, device=device, dtype=dtype)
+        torch.nn.Module.to(self.vae, device=device, dtype=vae_dtype)
+        self.empty_text_embed = self.empty_text_embed.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def latent_scale(self) -> float:
+        return self.vae.config.get("scaling_factor") or LATENT_SCALE_FACTOR
+
+    # ------------------------------------------------------------------ stages
+    @torch.inference_mode()
+    def encode_condition(self, image: ImageInput, processing_res: int = 1024) -> DiffDISCondition:
+        """Resize each image to ``processing_res``² and VAE-encode it at full, 1/2, 1/4 and 1/8 size."""
+        if not isinstance(processing_res, int) or processing_res < 8 or processing_res % 8:
+            raise DiffDISError(f"processing_res must be a positive multiple of 8, got {processing_res!r}")
+        images = to_image_batch(image)
+        if not images:
+            raise DiffDISError("no image given")
+        sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
+        square = (processing_res, processing_res)
+        rgb = torch.cat([resize(x[None], square) for x in images]).clamp(0, 1)
+        rgb = (rgb * 2 - 1).to(self.device, self.vae_dtype)
+        return DiffDISCondition(rgb, self._rgb_latents(rgb), sizes)
+
+    def _rgb_latents(self, rgb: torch.Tensor) -> list[torch.Tensor]:
+        side = rgb.shape[-1]
+        latents = [self.encode_latent(rgb)]
+        for factor in (2, 4, 8):
+            # As the authors: plain bilinear (no antialias) to side // factor.
+            small = F.interpolate(rgb, size=(max(side // factor, 8),) * 2, mode="bilinear", align_corners=False)
+            latents.append(self.encode_latent(small))
+        return latents
+
+    def encode_latent(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled posterior mean (no sampling), in the UNet's dtype."""
+        mean = self.vae.encode(rgb.to(self.vae_dtype)).latent_dist.mean
+        return (mean * self.latent_scale).to(self.dtype)
+
+    @torch.inference_mode()
+    def segment(self, condition: DiffDISCondition, latents: torch.Tensor | None = None,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                ensemble_size: int = 1, tta: bool = False) -> DiffDISLatents:
+        """One UNet step for mask and edge together (a batch of 2B), per view and noise draw.
+
+        ``latents``: the initial noise [B, 4, h, w] of the plain view's first draw (the same noise
+        seeds mask and edge); other draws come from ``generator``.
+        """
+        if not isinstance(ensemble_size, int) or ensemble_size < 1:
+            raise DiffDISError(f"ensemble_size must be a positive integer, got {ensemble_size!r}")
+        views = []
+        for flip, scale in (TTA_VIEWS if tta else TTA_VIEWS[:1]):
+            rgb_latents = condition.rgb_latents if (flip, scale) == (False, 1.0) else \
+                self._rgb_latents(self._augment(condition.image, flip, scale))
+            masks, edges = [], []
+            for draw in range(ensemble_size):
+                shape = tuple(rgb_latents[0].shape)
+                if latents is not None and not views and draw == 0:
+                    if tuple(latents.shape) != shape:
+                        raise DiffDISError(f"latents must have shape {list(shape)} for this input, "
+                                           f"got {list(latents.shape)}")
+                    noise = latents.to(self.device, self.dtype)
+                else:
+                    noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+                mask, edge = self.one_step(rgb_latents, noise)
+                masks.append(mask)
+                edges.append(edge)
+                if self.progress_bar is not None:
+                    self.progress_bar()
+            views.append(SegmentationView(torch.stack(masks), torch.stack(edges), flip, scale))
+        return DiffDISLatents(views, list(condition.sizes), int(condition.image.shape[-1]))
+
+    @staticmethod
+    def _augment(image: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:
+        if flip:
+            image = image.flip(-1)
+        if scale != 1.0:
+            image = F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+        return image
+
+    def one_step(self, rgb_latents: Sequence[torch.Tensor], noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_T (= noise) -> x̂0 for the mask and edge streams, from one UNet call at t = T - 1."""
+        batch = noise.shape[0]
+        t = self.scheduler.config.num_train_timesteps - 1
+        noisy = noise.repeat(2, 1, 1, 1)
+        eps = self.unet(
+            torch.cat([rgb_latents[0].repeat(2, 1, 1, 1), noisy], dim=1),
+            torch.full((2 * batch,), t, device=self.device, dtype=torch.long),
+            encoder_hidden_states=self.empty_text_embed.expand(2 * batch, -1, -1),
+            class_labels=bde_labels(batch, self.device, self.dtype),
+            rgb_token=[r.repeat(2, 1, 1, 1) for r in rgb_latents],
+        ).sample
+        alpha = self.scheduler.alphas_cumprod[t].to(self.device, torch.float32)
+        x0 = (noisy.float() - (1 - alpha).sqrt() * eps.float()) / alpha.sqrt()
+        return x0[:batch].to(self.dtype), x0[batch:].to(self.dtype)
+
+    @torch.inference_mode()
+    def decode_maps(self, latents: torch.Tensor) -> torch.Tensor:
+        """x̂0 latents [N, 4, h, w] -> maps [N, 1, 8h, 8w] in [0, 1] (channel mean, clipped)."""
+        z = self.vae.post_quant_conv(latents.to(self.vae_dtype) / self.latent_scale)
+        decoded = self.vae.decoder(z).float().mean(dim=1, keepdim=True)
+        return (decoded.clamp(-1, 1) + 1) / 2
+
+    @torch.inference_mode()
+    def decode(self, latents: DiffDISLatents, decode_edge: bool = True, minmax: bool = True,
+               output_size: bool = True) -> DiffDISOutput:
+        """Decode each view, average its draws, min-max it (``minmax``), undo the view's flip and
+        scale, average the views, and resize to each input's size (``output_size``)."""
+        square = (latents.processing_res, latents.processing_res)
+        mask_sum = edge_sum = None
+        for view in latents.views:
+            draws, batch = view.mask_latents.shape[:2]
+            parts = [view.mask_latents.flatten(0, 1)] + ([view.edge_latents.flatten(0, 1)] if decode_edge else [])
+            maps = self.decode_maps(torch.cat(parts))
+            maps = maps.view(len(parts), draws, batch, *maps.shape[1:]).mean(dim=1)  # [parts, B, 1, h, w]
+            maps = [minmax_normalize(m) if minmax else m for m in maps]
+            maps = [resize(m.flip(-1) if view.flip else m, square) for m in maps]
+            mask_sum = maps[0] if mask_sum is None else mask_sum + maps[0]
+            if decode_edge:
+                edge_sum = maps[1] if edge_sum is None else edge_sum + maps[1]
+        count = len(latents.views)
+        mask = self._to_input_sizes(mask_sum / count, latents.sizes, output_size)
+        edge = self._to_input_sizes(edge_sum / count, latents.sizes, output_size) if decode_edge else None
+        return DiffDISOutput(mask=mask, edge=edge)
+
+    @staticmethod
+    def _to_input_sizes(maps: torch.Tensor, sizes: list[tuple[int, int]], output_size: bool):
+        if not output_size:
+            return maps
+        if len(set(sizes)) == 1:
+            return resize(maps, sizes[0]).clamp(0, 1)
+        return [resize(m[None], size).clamp(0, 1) for m, size in zip(maps, sizes)]
+
+    @torch.inference_mode()
+    def __call__(self, image: ImageInput, processing_res: int = 1024, latents: torch.Tensor | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, ensemble_size: int = 1,
+                 tta: bool = False, decode_edge: bool = True, minmax: bool = True) -> DiffDISOutput:
+        """Segment ``image``: PIL image(s), a uint8 HWC array, or a float [B, 3, H, W] tensor in [0, 1]."""
+        condition = self.encode_condition(image, processing_res)
+        segmented = self.segment(condition, latents=latents, generator=generator,
+                                 ensemble_size=ensemble_size, tta=tta)
+        return self.decode(segmented, decode_edge=decode_edge, minmax=minmax)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        base: str | os.PathLike | None = DEFAULT_BASE,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        local_dir: str | os.PathLike | None = None,
+        cache_embedding: bool = True,
+        **hub_kwargs: Any,
+    ) -> "DiffDISPipeline":
+        """Load a DiffDIS model in any of the forms users have.
+
+        ``model``: a model folder (unet/, vae/, scheduler/, empty_text_embed.safetensors or
+        text_encoder/ + tokenizer/), the authors' Google-Drive ``unet/`` folder, a single UNet
+        ``.safetensors`` file (also the fp16 repack with its embedding), or a Hugging Face repo id.
+        ``base``: an SD-Turbo folder or repo id for whatever ``model`` lacks (VAE, scheduler, text
+        encoder); it is only read or downloaded when needed. ``local_dir``: download here instead of
+        the Hugging Face cache. ``hub_kwargs``: ``cache_dir``, ``local_files_only``, ``revision``, ``token``.
+        """
+        sources = ModelSources.resolve(model, base, local_dir=local_dir, **hub_kwargs)
+        unet_state, repack_embed = read_unet_state_dict(sources.unet_weights)
+        unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), torch_dtype, device,
+                                           source=str(sources.unet_weights))
+        del unet_state
+        vae = AutoencoderKL.from_pretrained(sources.component("vae"), use_safetensors=True)
+        scheduler_dir = sources.component("scheduler", required=False)
+        scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir is not None
+                     else DDPMScheduler.from_config(SD_TURBO_SCHEDULER_CONFIG))
+        embed = repack_embed if repack_embed is not None else sources.empty_embedding(cache_embedding)
+        pipe = cls(unet, vae, scheduler, embed)
+        return pipe.to(device, torch_dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write a complete model folder (unet/, vae/, scheduler/, empty_text_embed.safetensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(directory / "unet")
+        self.vae.save_pretrained(directory / "vae")
+        self.scheduler.save_pretrained(directory / "scheduler")
+        save_empty_embedding(self.empty_text_embed, directory / EMPTY_EMBED_FILE)
+        return directory
+
+
+@dataclass
+class ModelSources:
+    """Where each component of a pipeline comes from (local paths; hub repos are downloaded lazily)."""
+
+    unet_weights: Path
+    model_dir: Path | None  # the model folder (holds vae/, scheduler/, the embedding), if any
+    base: str | None
+    hub_kwargs: dict[str, Any] = field(default_factory=dict)
+    local_dir: str | os.PathLike | None = None
+    _base_dir: Path | None = None
+
+    @classmethod
+    def resolve(cls, model: str | os.PathLike, base: str | os.PathLike | None,
+                local_dir: str | os.PathLike | None = None, **hub_kwargs: Any) -> "ModelSources":
+        from .hub import resolve_unet_files
+
+        base = os.fspath(base) if base is not None else None
+        if is_repo_id(model):
+            model = download(os.fspath(model), ["unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                                                "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                                                "scheduler/*", EMPTY_EMBED_FILE], local_dir=local_dir, **hub_kwargs)
+        path = Path(model)
+        _, weights = resolve_unet_files(path, "unet")
+        model_dir = None
+        if path.is_dir():
+            # A model folder, or the bare unet/ folder of the Google-Drive release.
+            model_dir = path if (path / "unet").is_dir() or (path / "vae").is_dir() else None
+        return cls(weights, model_dir, base, hub_kwargs, local_dir)
+
+    def unet_config(self) -> dict[str, Any]:
+        import json
+
+        from .configs import SD_TURBO_UNET_CONFIG
+
+        for candidate in (self.unet_weights.with_name("config.json"), self._base_file("unet/config.json")):
+            if candidate is not None and candidate.is_file():
+                with open(candidate, encoding="utf-8") as f:
+                    return json.load(f)
+        return SD_TURBO_UNET_CONFIG
+
+    def _base_file(self, relative: str) -> Path | None:
+        """A file of the base, only if the base is a local folder (never downloads)."""
+        if self.base is None or is_repo_id(self.base):
+            return None
+        return Path(self.base) / relative
+
+    def base_dir(self, patterns: list[str]) -> Path:
+        if self.base is None:
+            raise DiffDISError(f"the model has no {patterns[0].split('/')[0]}/ and no base model was given: "
+                               f"pass base={DEFAULT_BASE!r} (or an SD-Turbo folder)")
+        if is_repo_id(self.base):
+            return download(self.base, patterns, **self.hub_kwargs)
+        base = Path(self.base)
+        if not base.is_dir():
+            raise DiffDISError(f"base model folder {base} does not exist: give an SD-Turbo folder in diffusers "
+                               f"layout or the repo id {DEFAULT_BASE}")
+        return base
+
+    def component(self, name: str, required: bool = True) -> Path | None:
+        """The folder of component ``name`` (vae, scheduler, text_encoder, tokenizer)."""
+        if self.model_dir is not None and (self.model_dir / name).is_dir():
+            return self.model_dir / name
+        if not required and (self.base is None or is_repo_id(self.base)) and name == "scheduler":
+            return None  # the built-in SD-Turbo schedule is exact; no download just for a config
+        folder = self.base_dir([f"{name}/*"]) / name
+        if not folder.is_dir():
+            if not required:
+                return None
+            raise DiffDISError(f"no {name}/ folder in {self.model_dir or self.unet_weights} or in the base "
+                               f"{self.base}: copy SD-Turbo's {name}/ there")
+        return folder
+
+    def empty_embedding(self, cache: bool) -> torch.Tensor:
+        """The empty-prompt embedding: read from a cache file, or encoded once and cached."""
+        candidates = [self.model_dir / EMPTY_EMBED_FILE if self.model_dir else None,
+                      self.unet_weights.parent / EMPTY_EMBED_FILE,
+                      self._base_file(EMPTY_EMBED_FILE)]
+        for candidate in candidates:
+            if candidate is not None and candidate.is_file():
+                return load_empty_embedding(candidate)
+        embed = encode_empty_prompt(self.component("text_encoder"), self.component("tokenizer"))
+        if cache:
+            target = self.model_dir or self.unet_weights.parent
+            if os.access(target, os.W_OK):
+                save_empty_embedding(embed, target / EMPTY_EMBED_FILE)
+        return embed
+
+
+__all__ = [
+    "DiffDISCondition", "DiffDISLatents", "DiffDISOutput", "DiffDISPipeline", "SegmentationView",
+    "EMPTY_EMBED_KEY", "minmax_normalize", "to_image_batch",
+]
