@@ -1,0 +1,31 @@
+"""Shared test fixtures: the authors' tiny parity model (tests/fixtures/official_tiny)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OFFICIAL_TINY = FIXTURES / "official_tiny"
+
+
+@pytest.fixture(scope="session")
+def official_tiny() -> Path:
+    """The read-only fixture folder (a complete tiny DiffDIS model, processing resolution 64)."""
+    return OFFICIAL_TINY
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> Path:
+    """A writable copy of the tiny model folder (without the parity inputs/outputs)."""
+    target = tmp_path / "tiny_model"
+    shutil.copytree(OFFICIAL_TINY, target, ignore=shutil.ignore_patterns("inputs.*", "expected.*", "README.md"))
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """The tiny model loaded once (float32, CPU); tests must not modify it."""
+    from diffdis_core import DiffDISPipeline
+
+    return DiffDISPipeline.from_pretrained(OFFICIAL_TINY, base=None)
