@@ -7,11 +7,11 @@ latents) and ``decode`` (latents -> maps at the input size). ``__call__`` chains
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +23,9 @@ from PIL import Image
 
 from .configs import LATENT_SCALE_FACTOR, SD_TURBO_SCHEDULER_CONFIG
 from .errors import DiffDISError
-from .hub import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, EMPTY_EMBED_KEY, download, is_repo_id
-from .text import encode_empty_prompt, load_empty_embedding, save_empty_embedding
+from .hub import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE
+from .loading import ModelSources
+from .text import save_empty_embedding
 from .unet import DiffDISUNet, read_unet_state_dict
 
 ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray | torch.Tensor
@@ -41,7 +42,7 @@ class DiffDISCondition:
     rgb_latents: list[torch.Tensor]  # VAE latents of the image at full, 1/2, 1/4, 1/8 side: [B, 4, R/8 / 2^k]
     sizes: list[tuple[int, int]]  # each input image's (height, width)
 
-    def to(self, device: torch.device | str | None = None) -> "DiffDISCondition":
+    def to(self, device: torch.device | str | None = None) -> DiffDISCondition:
         return DiffDISCondition(self.image.to(device), [r.to(device) for r in self.rgb_latents], list(self.sizes))
 
 
@@ -167,7 +168,7 @@ class DiffDISPipeline:
     def vae_dtype(self) -> torch.dtype:
         return self.vae.dtype
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffDISPipeline":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffDISPipeline:
         """Move (and cast) the pipeline. In float16 the VAE stays float32 when its config asks to
         (``force_upcast``: the SD VAE overflows in float16)."""
         dtype = dtype or self.dtype
@@ -303,7 +304,7 @@ class DiffDISPipeline:
             return maps
         if len(set(sizes)) == 1:
             return resize(maps, sizes[0]).clamp(0, 1)
-        return [resize(m[None], size).clamp(0, 1) for m, size in zip(maps, sizes)]
+        return [resize(m[None], size).clamp(0, 1) for m, size in zip(maps, sizes, strict=True)]
 
     @torch.inference_mode()
     def __call__(self, image: ImageInput, processing_res: int = 1024, latents: torch.Tensor | None = None,
@@ -326,7 +327,7 @@ class DiffDISPipeline:
         local_dir: str | os.PathLike | None = None,
         cache_embedding: bool = True,
         **hub_kwargs: Any,
-    ) -> "DiffDISPipeline":
+    ) -> DiffDISPipeline:
         """Load a DiffDIS model in any of the forms users have.
 
         ``model``: a model folder (unet/, vae/, scheduler/, empty_text_embed.safetensors or
@@ -341,10 +342,16 @@ class DiffDISPipeline:
         unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), torch_dtype, device,
                                            source=str(sources.unet_weights))
         del unet_state
-        vae = AutoencoderKL.from_pretrained(sources.component("vae"), use_safetensors=True)
+        vae_dir = sources.component("vae")
+        try:
+            vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise DiffDISError(f"could not load the VAE from {vae_dir} ({str(error).splitlines()[0]}); it needs "
+                               "config.json and diffusion_pytorch_model.safetensors") from None
         scheduler_dir = sources.component("scheduler", required=False)
-        scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir is not None
-                     else DDPMScheduler.from_config(SD_TURBO_SCHEDULER_CONFIG))
+        # Only the noise schedule is used; SD-Turbo's is built in for folders without scheduler/.
+        scheduler = DDPMScheduler.from_config(
+            DDPMScheduler.load_config(scheduler_dir) if scheduler_dir is not None else SD_TURBO_SCHEDULER_CONFIG)
         embed = repack_embed if repack_embed is not None else sources.empty_embedding(cache_embedding)
         pipe = cls(unet, vae, scheduler, embed)
         return pipe.to(device, torch_dtype)
@@ -360,95 +367,7 @@ class DiffDISPipeline:
         return directory
 
 
-@dataclass
-class ModelSources:
-    """Where each component of a pipeline comes from (local paths; hub repos are downloaded lazily)."""
-
-    unet_weights: Path
-    model_dir: Path | None  # the model folder (holds vae/, scheduler/, the embedding), if any
-    base: str | None
-    hub_kwargs: dict[str, Any] = field(default_factory=dict)
-    local_dir: str | os.PathLike | None = None
-    _base_dir: Path | None = None
-
-    @classmethod
-    def resolve(cls, model: str | os.PathLike, base: str | os.PathLike | None,
-                local_dir: str | os.PathLike | None = None, **hub_kwargs: Any) -> "ModelSources":
-        from .hub import resolve_unet_files
-
-        base = os.fspath(base) if base is not None else None
-        if is_repo_id(model):
-            model = download(os.fspath(model), ["unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                                                "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-                                                "scheduler/*", EMPTY_EMBED_FILE], local_dir=local_dir, **hub_kwargs)
-        path = Path(model)
-        _, weights = resolve_unet_files(path, "unet")
-        model_dir = None
-        if path.is_dir():
-            # A model folder, or the bare unet/ folder of the Google-Drive release.
-            model_dir = path if (path / "unet").is_dir() or (path / "vae").is_dir() else None
-        return cls(weights, model_dir, base, hub_kwargs, local_dir)
-
-    def unet_config(self) -> dict[str, Any]:
-        import json
-
-        from .configs import SD_TURBO_UNET_CONFIG
-
-        for candidate in (self.unet_weights.with_name("config.json"), self._base_file("unet/config.json")):
-            if candidate is not None and candidate.is_file():
-                with open(candidate, encoding="utf-8") as f:
-                    return json.load(f)
-        return SD_TURBO_UNET_CONFIG
-
-    def _base_file(self, relative: str) -> Path | None:
-        """A file of the base, only if the base is a local folder (never downloads)."""
-        if self.base is None or is_repo_id(self.base):
-            return None
-        return Path(self.base) / relative
-
-    def base_dir(self, patterns: list[str]) -> Path:
-        if self.base is None:
-            raise DiffDISError(f"the model has no {patterns[0].split('/')[0]}/ and no base model was given: "
-                               f"pass base={DEFAULT_BASE!r} (or an SD-Turbo folder)")
-        if is_repo_id(self.base):
-            return download(self.base, patterns, **self.hub_kwargs)
-        base = Path(self.base)
-        if not base.is_dir():
-            raise DiffDISError(f"base model folder {base} does not exist: give an SD-Turbo folder in diffusers "
-                               f"layout or the repo id {DEFAULT_BASE}")
-        return base
-
-    def component(self, name: str, required: bool = True) -> Path | None:
-        """The folder of component ``name`` (vae, scheduler, text_encoder, tokenizer)."""
-        if self.model_dir is not None and (self.model_dir / name).is_dir():
-            return self.model_dir / name
-        if not required and (self.base is None or is_repo_id(self.base)) and name == "scheduler":
-            return None  # the built-in SD-Turbo schedule is exact; no download just for a config
-        folder = self.base_dir([f"{name}/*"]) / name
-        if not folder.is_dir():
-            if not required:
-                return None
-            raise DiffDISError(f"no {name}/ folder in {self.model_dir or self.unet_weights} or in the base "
-                               f"{self.base}: copy SD-Turbo's {name}/ there")
-        return folder
-
-    def empty_embedding(self, cache: bool) -> torch.Tensor:
-        """The empty-prompt embedding: read from a cache file, or encoded once and cached."""
-        candidates = [self.model_dir / EMPTY_EMBED_FILE if self.model_dir else None,
-                      self.unet_weights.parent / EMPTY_EMBED_FILE,
-                      self._base_file(EMPTY_EMBED_FILE)]
-        for candidate in candidates:
-            if candidate is not None and candidate.is_file():
-                return load_empty_embedding(candidate)
-        embed = encode_empty_prompt(self.component("text_encoder"), self.component("tokenizer"))
-        if cache:
-            target = self.model_dir or self.unet_weights.parent
-            if os.access(target, os.W_OK):
-                save_empty_embedding(embed, target / EMPTY_EMBED_FILE)
-        return embed
-
-
 __all__ = [
     "DiffDISCondition", "DiffDISLatents", "DiffDISOutput", "DiffDISPipeline", "SegmentationView",
-    "EMPTY_EMBED_KEY", "minmax_normalize", "to_image_batch",
+    "bde_labels", "minmax_normalize", "to_image_batch",
 ]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -202,7 +203,7 @@ class DiffDISUNet(UNet2DConditionModel):
         sample = self.mid_block(sample, emb, **cross)
 
         # 5. up
-        for index, block in enumerate(self.up_blocks):
+        for block in self.up_blocks:
             res_samples, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
             upsample_size = skips[-1].shape[2:] if forward_upsample_size and skips else None
             if getattr(block, "has_cross_attention", False):
@@ -220,7 +221,7 @@ class DiffDISUNet(UNet2DConditionModel):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_sd_turbo(cls, base: UNet2DConditionModel) -> "DiffDISUNet":
+    def from_sd_turbo(cls, base: UNet2DConditionModel) -> DiffDISUNet:
         """The training start (spec, training recipe) from an SD-Turbo (or any SD-2.x) UNet.
 
         conv_in is widened to 8 channels (weights repeated and halved, bias kept); the mid block's
@@ -256,7 +257,7 @@ class DiffDISUNet(UNet2DConditionModel):
         device: str | torch.device | None = None,
         config: dict[str, Any] | None = None,
         **hub_kwargs: Any,
-    ) -> "DiffDISUNet":
+    ) -> DiffDISUNet:
         """Load the released UNet strictly, whatever its config.json says.
 
         ``pretrained_model_name_or_path`` is a folder (``subfolder="unet"`` for a model folder), a
@@ -282,7 +283,7 @@ class DiffDISUNet(UNet2DConditionModel):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         source: str = "the state dict",
-    ) -> "DiffDISUNet":
+    ) -> DiffDISUNet:
         """Build the architecture on the meta device and assign the weights: strict, no random layer."""
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         with torch.device("meta"):
