@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from .errors import DiffDISError
 from .hub import EMPTY_EMBED_KEY
 
-TOKEN_EMBEDDING_KEY = "text_model.embeddings.token_embedding.weight"
+TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"  # "text_model."-prefixed in most files
 
 
 def load_empty_embedding(path: str | os.PathLike) -> torch.Tensor:
@@ -51,10 +51,10 @@ def encode_empty_prompt(text_encoder_dir: str | os.PathLike, tokenizer_dir: str 
     config = CLIPTextConfig.from_pretrained(text_encoder_dir)
     # Some copies of the released config say the wrong hidden_size (authors' issue #3): trust the weights.
     with safe_open(os.fspath(weights), framework="pt") as f:
-        if TOKEN_EMBEDDING_KEY in f.keys():
-            config.hidden_size = f.get_slice(TOKEN_EMBEDDING_KEY).get_shape()[1]
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if key.endswith(TOKEN_EMBEDDING_KEY):
+                config.hidden_size = f.get_slice(key).get_shape()[1]
     encoder = CLIPTextModel.from_pretrained(text_encoder_dir, config=config, use_safetensors=True).eval()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    ids = tokenizer("", padding="do_not_pad", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer("", padding="do_not_pad", return_tensors="pt").input_ids
     return encoder(ids)[0].float()

@@ -1,0 +1,169 @@
+"""Loading the forms users have: model folders, the Google-Drive unet/ + SD-Turbo, single files, hub repos."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffdis_core import DiffDISError, DiffDISPipeline
+from diffdis_core.hub import EMPTY_EMBED_FILE
+from diffdis_core.text import encode_empty_prompt
+
+RES = 64
+
+
+def make_text_encoder(folder, hidden_size=32, config_hidden_size=None):
+    """A tiny CLIP text encoder + tokenizer in diffusers layout (text_encoder/, tokenizer/)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    config = CLIPTextConfig(vocab_size=8, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    torch.manual_seed(0)
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder", safe_serialization=True)
+    if config_hidden_size is not None:  # a config that disagrees with its weights (authors' issue #3)
+        path = folder / "text_encoder" / "config.json"
+        data = json.loads(path.read_text())
+        data["hidden_size"] = config_hidden_size
+        path.write_text(json.dumps(data))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder / "tokenizer")
+
+
+@pytest.fixture
+def sd_turbo_base(tmp_path, official_tiny):
+    """An SD-Turbo-like base folder: vae/, scheduler/, text_encoder/, tokenizer/ (no DiffDIS UNet)."""
+    base = tmp_path / "sd-turbo"
+    base.mkdir()
+    for part in ("vae", "scheduler"):
+        shutil.copytree(official_tiny / part, base / part)
+    make_text_encoder(base)
+    return base
+
+
+def run(pipe, seed=0):
+    image = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return pipe(image, processing_res=RES, latents=noise, minmax=False).mask
+
+
+def test_google_drive_unet_folder_with_sd_turbo_base(tmp_path, official_tiny, sd_turbo_base):
+    unet_dir = tmp_path / "downloads" / "unet"
+    shutil.copytree(official_tiny / "unet", unet_dir)
+    pipe = DiffDISPipeline.from_pretrained(unet_dir, base=sd_turbo_base)
+    expected = encode_empty_prompt(sd_turbo_base / "text_encoder", sd_turbo_base / "tokenizer")
+    assert expected.shape == (1, 2, 32)  # unpadded empty prompt: start and end tokens only
+    assert torch.allclose(pipe.empty_text_embed, expected)
+    # Cached beside the weights: the text encoder is not needed again.
+    assert (unet_dir / EMPTY_EMBED_FILE).is_file()
+    shutil.rmtree(sd_turbo_base / "text_encoder")
+    again = DiffDISPipeline.from_pretrained(unet_dir, base=sd_turbo_base)
+    assert torch.equal(run(pipe), run(again))
+
+
+def test_model_folder_with_text_encoder_encodes_once_and_caches(tmp_path, official_tiny):
+    model = tmp_path / "model"
+    shutil.copytree(official_tiny, model, ignore=shutil.ignore_patterns(EMPTY_EMBED_FILE, "inputs.*", "expected.*"))
+    make_text_encoder(model)
+    DiffDISPipeline.from_pretrained(model, base=None)
+    cached = load_file(model / EMPTY_EMBED_FILE)["empty_text_embed"]
+    assert torch.allclose(cached, encode_empty_prompt(model / "text_encoder", model / "tokenizer"))
+
+
+def test_read_only_model_folder_still_loads(tmp_path, official_tiny):
+    model = tmp_path / "model"
+    shutil.copytree(official_tiny, model, ignore=shutil.ignore_patterns(EMPTY_EMBED_FILE))
+    make_text_encoder(model)
+    os.chmod(model, 0o555)
+    try:
+        if os.access(model, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        DiffDISPipeline.from_pretrained(model, base=None)
+        assert not (model / EMPTY_EMBED_FILE).exists()
+    finally:
+        os.chmod(model, 0o755)
+
+
+def test_text_encoder_config_with_wrong_hidden_size(tmp_path, official_tiny):
+    make_text_encoder(tmp_path, config_hidden_size=1024)
+    embed = encode_empty_prompt(tmp_path / "text_encoder", tmp_path / "tokenizer")
+    assert embed.shape == (1, 2, 32)
+
+
+def test_single_file_fp16_repack_with_base(tmp_path, official_tiny, sd_turbo_base, tiny_pipeline):
+    """set-soft/RemBG DiffDIS_F16.safetensors: 'unet.'-prefixed UNet keys plus the 'positive' embedding."""
+    state = load_file(official_tiny / "unet" / "diffusion_pytorch_model.safetensors")
+    repack = {f"unet.{k}": v.half() if v.is_floating_point() else v for k, v in state.items()}
+    repack["positive"] = load_file(official_tiny / EMPTY_EMBED_FILE)["empty_text_embed"].half()
+    save_file(repack, str(tmp_path / "DiffDIS_F16.safetensors"))
+    shutil.copytree(official_tiny / "unet", sd_turbo_base / "unet")  # the base's unet/config.json gives the shape
+    (sd_turbo_base / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.rmtree(sd_turbo_base / "text_encoder")  # must not be needed: the embedding is in the file
+    pipe = DiffDISPipeline.from_pretrained(tmp_path / "DiffDIS_F16.safetensors", base=sd_turbo_base)
+    assert (run(pipe) - run(tiny_pipeline)).abs().max() < 1e-2
+
+
+def test_missing_vae_without_base_says_what_to_do(tmp_path, official_tiny):
+    shutil.copytree(official_tiny / "unet", tmp_path / "unet")
+    with pytest.raises(DiffDISError, match="no base model was given"):
+        DiffDISPipeline.from_pretrained(tmp_path / "unet", base=None)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DiffDISError, match="does not exist"):
+        DiffDISPipeline.from_pretrained(tmp_path / "nowhere", base=None)
+
+
+class FakeHub:
+    """Serves repos from local folders through huggingface_hub.snapshot_download, recording requests."""
+
+    def __init__(self, tmp_path, repos):
+        self.repos, self.requests, self.root = repos, [], tmp_path / "hf-cache"
+
+    def snapshot_download(self, repo_id, allow_patterns=None, local_dir=None, **kwargs):
+        import fnmatch
+
+        self.requests.append((repo_id, tuple(allow_patterns)))
+        source = self.repos[repo_id]
+        target = local_dir or self.root / repo_id.replace("/", "--")
+        for path in source.rglob("*"):
+            relative = path.relative_to(source).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target / relative)
+        os.makedirs(target, exist_ok=True)
+        return str(target)
+
+
+def test_hub_repo_downloads_only_what_is_needed(tmp_path, official_tiny, monkeypatch):
+    import huggingface_hub
+
+    remote = tmp_path / "remote"
+    shutil.copytree(official_tiny, remote, ignore=shutil.ignore_patterns(EMPTY_EMBED_FILE, "inputs.*", "expected.*"))
+    make_text_encoder(remote)
+    hub = FakeHub(tmp_path, {"qianyu1217/diffdis": remote})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+
+    DiffDISPipeline.from_pretrained("qianyu1217/diffdis", base="stabilityai/sd-turbo")
+    asked = [p for _, patterns in hub.requests for p in patterns]
+    assert {repo for repo, _ in hub.requests} == {"qianyu1217/diffdis"}  # the base is never touched
+    assert "text_encoder/*" in asked and "tokenizer/*" in asked  # no embedding yet: encode it once
+
+    hub.requests.clear()
+    DiffDISPipeline.from_pretrained("qianyu1217/diffdis", base="stabilityai/sd-turbo")
+    asked = [p for _, patterns in hub.requests for p in patterns]
+    assert "text_encoder/*" not in asked  # the cached embedding is used
+    assert not any(p.startswith("text_encoder") for p in asked)
+
+
+def test_offline_hub_failure_says_which_files_go_where(tmp_path):
+    with pytest.raises(DiffDISError) as error:
+        DiffDISPipeline.from_pretrained("qianyu1217/diffdis", base=None, cache_dir=tmp_path, local_files_only=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "unet/diffusion_pytorch_model.safetensors" in message and "vae/" in message
