@@ -196,9 +196,13 @@ class DiffDISPipeline:
         square = (processing_res, processing_res)
         rgb = torch.cat([resize(x[None], square) for x in images]).clamp(0, 1)
         rgb = (rgb * 2 - 1).to(self.device, self.vae_dtype)
-        return DiffDISCondition(rgb, self._rgb_latents(rgb), sizes)
+        return DiffDISCondition(rgb, self.rgb_latents(rgb), sizes)
 
-    def _rgb_latents(self, rgb: torch.Tensor) -> list[torch.Tensor]:
+    def rgb_latents(self, rgb: torch.Tensor) -> list[torch.Tensor]:
+        """The condition: VAE latents of ``rgb`` ([B, 3, R, R] in [-1, 1]) at full, 1/2, 1/4 and 1/8 side.
+
+        Not in inference mode, so training can use it too (under ``torch.no_grad`` for a frozen VAE).
+        """
         side = rgb.shape[-1]
         latents = [self.encode_latent(rgb)]
         for factor in (2, 4, 8):
@@ -223,10 +227,11 @@ class DiffDISPipeline:
         """
         if not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise DiffDISError(f"ensemble_size must be a positive integer, got {ensemble_size!r}")
+        condition = condition.to(self.device)  # a no-op unless a front end kept it elsewhere
         views = []
         for flip, scale in (TTA_VIEWS if tta else TTA_VIEWS[:1]):
             rgb_latents = condition.rgb_latents if (flip, scale) == (False, 1.0) else \
-                self._rgb_latents(self._augment(condition.image, flip, scale))
+                self.rgb_latents(self._augment(condition.image, flip, scale))
             masks, edges = [], []
             for draw in range(ensemble_size):
                 shape = tuple(rgb_latents[0].shape)
@@ -272,7 +277,7 @@ class DiffDISPipeline:
     @torch.inference_mode()
     def decode_maps(self, latents: torch.Tensor) -> torch.Tensor:
         """x̂0 latents [N, 4, h, w] -> maps [N, 1, 8h, 8w] in [0, 1] (channel mean, clipped)."""
-        z = self.vae.post_quant_conv(latents.to(self.vae_dtype) / self.latent_scale)
+        z = self.vae.post_quant_conv(latents.to(self.device, self.vae_dtype) / self.latent_scale)
         decoded = self.vae.decoder(z).float().mean(dim=1, keepdim=True)
         return (decoded.clamp(-1, 1) + 1) / 2
 

@@ -246,7 +246,8 @@ class DiffDISUNet(UNet2DConditionModel):
         if missing or unexpected:
             raise DiffDISError(f"the base UNet does not match its config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
-        return model.to(base.dtype)
+        # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules this model does not have.
+        return torch.nn.Module.to(model, base.dtype)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]

@@ -1,0 +1,29 @@
+"""The DiffDIS ComfyUI nodes (classic node API). The pack's root ``__init__.py`` exports the mappings.
+
+Imported only relatively, as ``<pack>.nodes``: a top-level ``nodes`` is ComfyUI's own module.
+Nothing heavy happens at import: the core (and diffusers) is imported when a node first runs.
+"""
+
+from .apply_alpha import DiffDISApplyAlpha
+from .loader import DiffDISLoader
+from .segmentation import DiffDISDecode, DiffDISEncodeCondition, DiffDISOneStepSegment
+from .services import register_model_folder
+
+# Node ids are stored in saved workflows: never rename them.
+NODE_CLASS_MAPPINGS = {
+    "DiffDISLoader": DiffDISLoader,
+    "DiffDISEncodeCondition": DiffDISEncodeCondition,
+    "DiffDISOneStepSegment": DiffDISOneStepSegment,
+    "DiffDISDecode": DiffDISDecode,
+    "DiffDISApplyAlpha": DiffDISApplyAlpha,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffDISLoader": "Load DiffDIS",
+    "DiffDISEncodeCondition": "DiffDIS Encode Condition",
+    "DiffDISOneStepSegment": "DiffDIS One-Step Segment",
+    "DiffDISDecode": "DiffDIS Decode Mask/Edge",
+    "DiffDISApplyAlpha": "DiffDIS Apply Alpha",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]

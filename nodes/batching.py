@@ -1,0 +1,104 @@
+"""Running a batch (e.g. video frames) through a stage in chunks that fit in memory.
+
+Chunk sizes follow ComfyUI's own VAE: estimate the bytes one image needs, ask how much memory is
+free on the device, and take as many images as fit. A chunk that still runs out of memory is split
+in half and retried. Cancel is honoured between chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from . import services
+
+T = TypeVar("T")
+
+MAX_CHUNK = 32  # more images per call rarely helps, and progress and cancel stay responsive
+TTA_MAX_SCALE = 1.25  # the largest test-time-augmentation view (diffdis_core.pipeline.TTA_VIEWS)
+
+# ComfyUI's estimates for the SD AutoencoderKL (comfy/sd.py), bytes per pixel per byte of dtype.
+VAE_ENCODE_BYTES_PER_PIXEL = 1767
+VAE_DECODE_BYTES_PER_PIXEL = 2178
+# ComfyUI's SD UNet estimate (comfy/model_base.py memory_required): MiB per latent pixel and dtype byte.
+UNET_MIB_PER_LATENT_PIXEL = 0.01
+
+
+def encode_bytes(processing_res: int, vae_dtype: torch.dtype) -> int:
+    """One image's VAE encodes (full size first, then 1/2, 1/4, 1/8: the first is the peak)."""
+    return VAE_ENCODE_BYTES_PER_PIXEL * processing_res ** 2 * services.dtype_size(vae_dtype)
+
+
+def segment_bytes(processing_res: int, dtype: torch.dtype, vae_dtype: torch.dtype, tta: bool) -> int:
+    """One image's UNet call (mask and edge streams: a batch of two); with TTA also the re-encoding
+    of the largest view."""
+    side = math.ceil(processing_res * (TTA_MAX_SCALE if tta else 1.0))
+    latent_pixels = 2 * (side // 8) ** 2
+    unet = int(latent_pixels * services.dtype_size(dtype) * UNET_MIB_PER_LATENT_PIXEL * (1 << 20))
+    return max(unet, encode_bytes(side, vae_dtype)) if tta else unet
+
+
+def decode_bytes(processing_res: int, vae_dtype: torch.dtype, maps_per_image: int, tta: bool) -> int:
+    """One image's VAE decode: the core decodes all maps of a view (mask, edge, each draw) at once."""
+    side = math.ceil(processing_res * (TTA_MAX_SCALE if tta else 1.0))
+    return VAE_DECODE_BYTES_PER_PIXEL * side ** 2 * services.dtype_size(vae_dtype) * maps_per_image
+
+
+def chunk_size(bytes_per_image: int, device: torch.device) -> int:
+    return max(1, min(MAX_CHUNK, services.free_memory(device) // max(1, bytes_per_image)))
+
+
+def run_in_chunks(count: int, chunk: int, work: Callable[[int, int], T]) -> list[T]:
+    """``work(start, stop)`` over ``range(count)`` in chunks of at most ``chunk`` items."""
+    results: list[T] = []
+    start = 0
+    while start < count:
+        services.check_interrupted()
+        stop = min(start + chunk, count)
+        try:
+            results.append(work(start, stop))
+            start = stop
+            continue
+        except services.OUT_OF_MEMORY:
+            if stop - start == 1:
+                raise  # ComfyUI reports out-of-memory with its own advice (unload models, lower sizes)
+        # Retried outside the except block, so the failed chunk's tensors can be freed first.
+        chunk = max(1, (stop - start) // 2)
+        services.empty_cache()
+    return results
+
+
+# ---------------------------------------------------------------------------- chunks of core results
+# DiffDISCondition / DiffDISLatents are rebuilt with type(x)(...) so this module need not import the core.
+def slice_condition(cond, start: int, stop: int, device: torch.device | None = None,
+                    image_dtype: torch.dtype | None = None, latent_dtype: torch.dtype | None = None):
+    """Images ``start:stop`` of a DiffDISCondition, optionally moved and cast for another pipeline."""
+    return type(cond)(cond.image[start:stop].to(device=device, dtype=image_dtype),
+                      [latent[start:stop].to(device=device, dtype=latent_dtype) for latent in cond.rgb_latents],
+                      list(cond.sizes[start:stop]))
+
+
+def concat_conditions(parts: list):
+    first = parts[0]
+    return type(first)(torch.cat([p.image for p in parts]),
+                       [torch.cat(scale) for scale in zip(*(p.rgb_latents for p in parts), strict=True)],
+                       [size for p in parts for size in p.sizes])
+
+
+def slice_latents(latents, start: int, stop: int, device: torch.device | None = None):
+    """Images ``start:stop`` of a DiffDISLatents (each view holds [draws, B, 4, h, w])."""
+    views = [type(view)(view.mask_latents[:, start:stop].to(device=device),
+                        view.edge_latents[:, start:stop].to(device=device), view.flip, view.scale)
+             for view in latents.views]
+    return type(latents)(views, list(latents.sizes[start:stop]), latents.processing_res)
+
+
+def concat_latents(parts: list):
+    first = parts[0]
+    views = [type(view)(torch.cat([p.views[i].mask_latents for p in parts], dim=1),
+                        torch.cat([p.views[i].edge_latents for p in parts], dim=1), view.flip, view.scale)
+             for i, view in enumerate(first.views)]
+    return type(first)(views, [size for p in parts for size in p.sizes], first.processing_res)

@@ -1,0 +1,192 @@
+"""DiffDIS model folders under ComfyUI/models/diffdis, the one-time download, and the loaded model
+handed to ComfyUI's memory management."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import services
+from .checks import check_choice, core, error
+
+if TYPE_CHECKING:
+    from diffdis_core import DiffDISPipeline
+
+DOWNLOAD_REPO = "qianyu1217/diffdis"  # diffdis_core.hub.DEFAULT_MODEL (kept literal: importing the core is slow)
+DOWNLOAD_FOLDER = "DiffDIS"  # where the download entry puts the model, inside the first models/diffdis folder
+DOWNLOAD_ENTRY = f"{DOWNLOAD_REPO} (download on first use)"  # saved in workflows: keep it stable
+
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+EMBED_FILE = "empty_text_embed.safetensors"
+# What the download fetches: the text encoder only when the empty-prompt embedding is not cached yet.
+DOWNLOAD_FILES = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                  "vae/diffusion_pytorch_model.safetensors", "scheduler/*"]
+TEXT_ENCODER_FILES = ["text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/*"]
+
+PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+DEVICES = ["auto", "cpu"]
+
+TREE_HELP = ("<name>/unet/{config.json, diffusion_pytorch_model.safetensors}, "
+             "<name>/vae/{config.json, diffusion_pytorch_model.safetensors}, <name>/scheduler/scheduler_config.json "
+             f"(optional), and <name>/{EMBED_FILE} or <name>/text_encoder/model.safetensors + <name>/tokenizer/ "
+             f"(all from huggingface.co/{DOWNLOAD_REPO})")
+
+
+# ---------------------------------------------------------------------------- listing and resolving
+def list_models() -> list[str]:
+    """Every model folder in the models/diffdis folders (first one wins on equal names), then the
+    download entry."""
+    names: list[str] = []
+    for root in services.model_roots():
+        try:
+            children = sorted(root.iterdir(), key=lambda p: p.name.lower())
+        except OSError:  # missing or unreadable: listing must not break ComfyUI's node list
+            continue
+        for child in children:
+            if child.is_dir() and not child.name.startswith(".") and child.name not in names:
+                names.append(child.name)
+    return names + [DOWNLOAD_ENTRY]
+
+
+def check_model_name(name: str) -> None:
+    """A model name from the UI or an API prompt must be one folder name: no path, no '..'."""
+    if not isinstance(name, str) or not name.strip():
+        raise error("no model selected: pick a model folder in Load DiffDIS")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (len(parts) != 1 or parts[0] in (".", "..") or PurePosixPath(name).is_absolute()
+            or PureWindowsPath(name).drive or PureWindowsPath(name).root):
+        raise error(f"model {name!r} is not a folder name inside {services.model_roots()[0]}: "
+                    "pick one of the listed models (paths and '..' are not allowed)")
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The files of the released layout that ``folder`` lacks (empty when it is complete)."""
+    missing = []
+    if not any((folder / "unet" / name).is_file() for name in UNET_WEIGHTS):
+        missing.append(f"unet/{UNET_WEIGHTS[0]}")
+    for name in ("vae/config.json", f"vae/{UNET_WEIGHTS[0]}"):
+        if not (folder / name).is_file():
+            missing.append(name)
+    has_encoder = (folder / "text_encoder" / "model.safetensors").is_file() and (folder / "tokenizer").is_dir()
+    if not (folder / EMBED_FILE).is_file() and not has_encoder:
+        missing.append(f"{EMBED_FILE} (or text_encoder/model.safetensors + tokenizer/)")
+    return missing
+
+
+def model_folder(name: str) -> Path:
+    """The complete model folder for a Load DiffDIS ``model`` value; downloads for the download entry."""
+    if name == DOWNLOAD_ENTRY:
+        return downloaded_model()
+    check_model_name(name)
+    roots = services.model_roots()
+    folder = next((root / name for root in roots if (root / name).is_dir()), None)
+    if folder is None:
+        raise error(f"model folder {roots[0] / name} does not exist: create it as "
+                    f"{TREE_HELP.replace('<name>', name)}, or pick '{DOWNLOAD_ENTRY}'")
+    missing = missing_files(folder)
+    if missing:
+        raise error(f"model folder {folder} is incomplete, missing {', '.join(missing)}; "
+                    f"a complete folder holds {TREE_HELP.replace('<name>', name)}")
+    return folder
+
+
+def downloaded_model() -> Path:
+    """models/diffdis/DiffDIS: used as is when complete (no network), else downloaded there."""
+    roots = services.model_roots()
+    for root in roots:
+        if (root / DOWNLOAD_FOLDER).is_dir() and not missing_files(root / DOWNLOAD_FOLDER):
+            return root / DOWNLOAD_FOLDER
+    target = roots[0] / DOWNLOAD_FOLDER
+    files = DOWNLOAD_FILES + ([] if (target / EMBED_FILE).is_file() else TEXT_ENCODER_FILES)
+    diffdis_core = core()
+    from diffdis_core import hub
+
+    try:
+        hub.download(DOWNLOAD_REPO, files, local_dir=target)  # huggingface-hub creates the folder
+    except (diffdis_core.DiffDISError, OSError) as failure:
+        raise error(f"could not download {DOWNLOAD_REPO} into {target} ({_short(failure)}); download it by hand "
+                    f"so that it holds {TREE_HELP.replace('<name>', DOWNLOAD_FOLDER)}") from failure
+    missing = missing_files(target)
+    if missing:
+        raise error(f"the download of {DOWNLOAD_REPO} into {target} lacks {', '.join(missing)}; "
+                    f"add them by hand: {TREE_HELP.replace('<name>', DOWNLOAD_FOLDER)}")
+    return target
+
+
+def _short(failure: Exception) -> str:
+    """The cause in a few words: the error type the core names in brackets ("... (ConnectionError);
+    how-to"), else the message's first clause."""
+    clause = str(failure).split(";")[0].strip()
+    named = re.findall(r"\((\w+)\)", clause)
+    if named:
+        return named[-1]
+    return clause if len(clause) <= 160 else clause[:157] + "..."
+
+
+# ---------------------------------------------------------------------------- the loaded model
+class DiffDISModules(torch.nn.Module):
+    """The pipeline's UNet and VAE as one module, the unit ComfyUI loads, offloads and unloads."""
+
+    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+
+    def get_dtype(self) -> torch.dtype:  # ModelPatcher.model_dtype() asks for this
+        return self.unet.dtype
+
+
+class DiffDISModel:
+    """What flows along a DIFFDIS_MODEL link: the core pipeline plus its ComfyUI ModelPatcher.
+
+    Every node calls ``ready()`` before using the pipeline: ComfyUI then (re)loads the weights to the
+    GPU, after freeing other models if needed, and may offload or unload them again afterwards.
+    """
+
+    def __init__(self, pipeline: DiffDISPipeline, name: str, folder: Path,
+                 load_device: torch.device, offload_device: torch.device):
+        self.pipeline = pipeline
+        self.name = name
+        self.folder = folder
+        self.load_device = load_device
+        self.offload_device = offload_device
+        self.modules = DiffDISModules(pipeline.unet, pipeline.vae)
+        self.patcher = services.model_patcher(self.modules, load_device, offload_device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.pipeline.vae_dtype
+
+    def ready(self, memory_required: int) -> DiffDISPipeline:
+        """The pipeline on its load device, with ``memory_required`` bytes left for one chunk."""
+        if self.patcher is not None:
+            services.load_model(self.patcher, memory_required)
+        else:
+            self.pipeline.to(self.load_device)
+        pipe = self.pipeline
+        # The embedding is a plain tensor, not part of the modules ComfyUI moves.
+        pipe.empty_text_embed = pipe.empty_text_embed.to(pipe.device)
+        return pipe
+
+    def __repr__(self) -> str:
+        return f"DiffDISModel({self.name!r}, {self.load_device}, {self.dtype})"
+
+
+def load(name: str, precision: str, device: str) -> DiffDISModel:
+    """Resolve (or download) the model folder and load it on the offload device; never touches the
+    network for a folder that is already complete."""
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("device", device, DEVICES)
+    folder = model_folder(name)
+    load_device, offload_device = services.choose_devices(device)
+    dtype = services.choose_dtype(precision, load_device)
+    # base=None: everything comes from the folder, so nothing is fetched from the Hub.
+    pipeline = core().DiffDISPipeline.from_pretrained(folder, base=None, torch_dtype=dtype, device=offload_device)
+    return DiffDISModel(pipeline, name, folder, load_device, offload_device)

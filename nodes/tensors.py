@@ -1,0 +1,135 @@
+"""ComfyUI's tensor conventions: IMAGE is float [B, H, W, C] in 0..1 (C = 3, or 4 when an RGBA image
+reaches a node), MASK is float [B, H, W] (a single [H, W] mask is accepted too). DiffDIS masks are
+foreground = 1."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .checks import error
+
+
+def image_to_rgb(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """An IMAGE as float [B, H, W, 3] (an alpha channel is dropped, a single image gets a batch axis)."""
+    if not isinstance(image, torch.Tensor):
+        raise error(f"{name} must be an IMAGE tensor, got {type(image).__name__}")
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
+        raise error(f"{name} must be an IMAGE [batch, height, width, 3 or 4 channels], "
+                    f"got shape {list(image.shape)}")
+    image = image.float()
+    if image.shape[-1] == 1:
+        return image.expand(-1, -1, -1, 3)
+    return image[..., :3]
+
+
+def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """An IMAGE as the core's float [B, 3, H, W] in [0, 1]."""
+    return image_to_rgb(image).movedim(-1, 1)
+
+
+def to_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A MASK as float [B, H, W]; [H, W], [B, 1, H, W] and [B, H, W, 1] are accepted."""
+    if not isinstance(mask, torch.Tensor):
+        raise error(f"{name} must be a MASK tensor, got {type(mask).__name__}")
+    if mask.ndim == 2:
+        mask = mask[None]
+    elif mask.ndim == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    elif mask.ndim == 4 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 3 or 0 in mask.shape:
+        raise error(f"{name} must be a MASK [batch, height, width] or [height, width], "
+                    f"got shape {list(mask.shape)}")
+    return mask.float()
+
+
+def concat_masks(masks: list[torch.Tensor]) -> torch.Tensor:
+    """MASK batches of one size as one MASK batch."""
+    if len({tuple(m.shape[-2:]) for m in masks}) > 1:
+        raise error("the images of one batch have different sizes; a MASK batch needs one size: "
+                    "run them through separate DiffDIS Encode Condition nodes")
+    return torch.cat(masks)
+
+
+def maps_to_mask(maps: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The core's [B, 1, H, W] maps (or its per-image list when sizes differ) as a MASK [B, H, W]."""
+    if isinstance(maps, list):
+        return concat_masks([m[:, 0].float() for m in maps])
+    return maps[:, 0].float()
+
+
+def match_batch(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat a single image or mask to the other's batch size; other mismatches are errors."""
+    if image.shape[0] == mask.shape[0]:
+        return image, mask
+    if mask.shape[0] == 1:
+        return image, mask.expand(image.shape[0], -1, -1)
+    if image.shape[0] == 1:
+        return image.expand(mask.shape[0], -1, -1, -1), mask
+    raise error(f"image batch ({image.shape[0]}) and mask batch ({mask.shape[0]}) differ: give as many masks as "
+                "images, or a single one")
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------- mask refinement
+def expand_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Grow (> 0) or shrink (< 0) the foreground by ``pixels``: grey dilation or erosion with a square."""
+    if pixels == 0:
+        return mask
+    size = 2 * abs(pixels) + 1
+    x = mask[:, None] if pixels > 0 else -mask[:, None]
+    x = F.max_pool2d(x, kernel_size=size, stride=1, padding=abs(pixels))
+    return (x if pixels > 0 else -x)[:, 0]
+
+
+def blur_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Feather with a Gaussian of the given radius (sigma = radius / 2), edges extended."""
+    if radius <= 0:
+        return mask
+    sigma = radius / 2
+    offsets = torch.arange(-radius, radius + 1, dtype=mask.dtype, device=mask.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = mask[:, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x[:, 0].clamp(0, 1)
+
+
+def refine_mask(mask: torch.Tensor, threshold: float, invert: bool, expand: int, blur: int) -> torch.Tensor:
+    """Threshold the foreground probability, invert (to keep the background instead), then grow or
+    shrink and feather the kept region's edge."""
+    if threshold > 0:
+        mask = (mask >= threshold).to(mask.dtype)
+    if invert:
+        mask = 1 - mask
+    return blur_mask(expand_mask(mask, expand), blur)
+
+
+# ---------------------------------------------------------------------------- colours
+NAMED_BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5),
+                     "green": (0.0, 1.0, 0.0)}
+
+
+def parse_color(text: str) -> tuple[float, float, float]:
+    """'#RRGGBB', '#RGB' (the '#' optional) or 'R, G, B' with 0..255 values -> RGB in 0..1."""
+    value = str(text).strip()
+    hex_digits = value.lstrip("#")
+    if re.fullmatch(r"[0-9a-fA-F]{3}|[0-9a-fA-F]{6}", hex_digits):
+        if len(hex_digits) == 3:
+            hex_digits = "".join(c * 2 for c in hex_digits)
+        return tuple(int(hex_digits[i:i + 2], 16) / 255 for i in (0, 2, 4))
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) == 3 and all(p.isdigit() and int(p) <= 255 for p in parts):
+        return tuple(int(p) / 255 for p in parts)
+    raise error(f"custom_color {text!r} is not a colour: write it as #RRGGBB (e.g. #3366CC) or R, G, B (0-255)")

@@ -1,0 +1,243 @@
+"""The pack inside a real ComfyUI server (runs only when COMFYUI_PATH points to a ComfyUI checkout).
+
+The server starts with ``--cpu`` on a free local port, from its own Python (``COMFYUI_PYTHON``,
+default ``$COMFYUI_PATH/venv/bin/python``), with a temporary ``--base-directory``: the pack is
+symlinked into its custom_nodes (under a name with a dash and a dot), the tiny model sits in its
+models/diffdis (as ``tiny``, and as ``DiffDIS`` where the download entry looks), and a third copy in
+a folder given by ``--extra-model-paths-config``. Nothing is written into the ComfyUI checkout, and
+the server is always killed.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+STARTUP_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 240
+PACK_FOLDER = "ComfyUI-DiffDIS.dev"
+IMAGE_SIZE = (72, 48)  # width, height
+
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")]
+
+
+def _test_workflows():
+    """tests/test_workflows.py, for its UI -> API conversion and core-widget table."""
+    path = Path(__file__).with_name("test_workflows.py")
+    spec = importlib.util.spec_from_file_location("diffdis_test_workflows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Server:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, payload: dict):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"POST {path} -> {error.code}: {error.read().decode(errors='replace')[:3000]}")
+        return json.loads(body) if body else None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def run_prompt(self, prompt: dict) -> dict:
+        """Queue an API-format prompt and wait for its history entry; fail with the server's error."""
+        prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": "diffdis-integration-test"})["prompt_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                status = entry["status"]
+                if status.get("status_str") != "success":
+                    errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+                    pytest.fail(f"prompt failed: {json.dumps(errors)[:3000]}\n--- server log ---\n{self.log_tail()}")
+                return entry
+            time.sleep(0.25)
+        pytest.fail(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT_S} s\n{self.log_tail()}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _copy_tiny(official_tiny: Path, target: Path) -> None:
+    shutil.copytree(official_tiny, target, ignore=shutil.ignore_patterns("inputs.*", "expected.*", "README.md"))
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory, official_tiny):
+    comfy = Path(COMFYUI_PATH).resolve()
+    python = Path(os.environ.get("COMFYUI_PYTHON") or comfy / "venv" / "bin" / "python")
+    if not (comfy / "main.py").is_file() or not python.is_file():
+        pytest.fail(f"COMFYUI_PATH={comfy} needs main.py and a Python at {python} (set COMFYUI_PYTHON)")
+    base = tmp_path_factory.mktemp("comfyui_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    _copy_tiny(official_tiny, base / "models" / "diffdis" / "tiny")
+    # Where the download entry looks first: complete, so it must be used without any download.
+    _copy_tiny(official_tiny, base / "models" / "diffdis" / "DiffDIS")
+    elsewhere = tmp_path_factory.mktemp("shared_models")
+    _copy_tiny(official_tiny, elsewhere / "diffdis_models" / "tiny_extra")
+    extra_config = base / "extra_model_paths.yaml"
+    extra_config.write_text(f"diffdis_test:\n    base_path: {elsewhere}\n    diffdis: diffdis_models\n")
+    (base / "input").mkdir()
+    width, height = IMAGE_SIZE
+    picture = np.zeros((height, width, 4), np.uint8)
+    picture[..., 2] = np.linspace(0, 255, width, dtype=np.uint8)[None]
+    picture[12:36, 20:50, :3] = (230, 200, 40)
+    picture[..., 3] = 255
+    Image.fromarray(picture, "RGBA").save(base / "input" / "diffdis_test.png")
+
+    port = _free_port()
+    log = base / "comfyui.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DIFFDIS_MODELS_DIR")}
+    env["HF_HUB_OFFLINE"] = "1"  # the weights are on disk: nothing may be downloaded
+    command = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--extra-model-paths-config", str(extra_config)]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", base, log)
+    try:
+        started = time.monotonic()
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode}\n{server.log_tail()}")
+            try:
+                server.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() - started > STARTUP_TIMEOUT_S:
+                pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S} s\n{server.log_tail()}")
+            time.sleep(0.5)
+        print(f"\nComfyUI up in {time.monotonic() - started:.1f} s on port {port}")
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+
+
+def test_the_pack_loads_and_lists_its_five_nodes(comfyui):
+    log = comfyui.log.read_text(errors="replace")
+    import_line = next((line for line in log.splitlines() if PACK_FOLDER in line and "seconds" in line), None)
+    assert import_line is not None and "IMPORT FAILED" not in import_line, log[-4000:]
+    print(f"\nimport time: {import_line.strip()}")
+
+    info = comfyui.get("/object_info")
+    workflows = _test_workflows()
+    for node_id, cls in workflows.OUR_NODES.items():
+        node = info[node_id]
+        assert node["display_name"] == workflows.PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert node["category"] == "image/segmentation/DiffDIS" and node["description"] == cls.DESCRIPTION
+        assert node["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
+        assert node["output"] == list(cls.RETURN_TYPES) and node["output_name"] == list(cls.RETURN_NAMES)
+    models = info["DiffDISLoader"]["input"]["required"]["model"][0]
+    # The diffdis folder from extra_model_paths.yaml (registered before custom nodes load, kept first),
+    # then models/diffdis under --base-directory.
+    assert models == ["tiny_extra", "DiffDIS", "tiny", workflows.models.DOWNLOAD_ENTRY]
+    for core in ("LoadImage", "SaveImage", "MaskToImage", "PreviewImage", "ImageCompositeMasked"):
+        assert core in info  # ComfyUI's own nodes module was not shadowed
+
+
+def test_example_workflows_match_comfyuis_node_definitions(comfyui):
+    """Widget values of both UI workflows, read with the real node definitions, give the API twins."""
+    info = comfyui.get("/object_info")
+    workflows = _test_workflows()
+    for class_type, widgets in workflows.CORE_WIDGETS.items():
+        assert workflows.widgets_from_input_types(info[class_type]["input"]) == widgets, class_type
+
+    def real_widget_names(class_type):
+        return workflows.widgets_from_input_types(info[class_type]["input"]) if class_type in info else None
+
+    for name in workflows.NAMES:
+        assert workflows.ui_to_api(workflows.load(name), real_widget_names) == \
+            workflows.comparable(workflows.load(name, api=True))
+
+
+def _cutout_prompt(model: str, seed: int) -> dict:
+    prompt = json.loads((ROOT / "workflows" / "api" / "cutout.json").read_text(encoding="utf-8"))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "DiffDISLoader":
+            inputs["model"] = model
+        elif node["class_type"] == "DiffDISEncodeCondition":
+            inputs["processing_res"] = 64
+        elif node["class_type"] == "DiffDISOneStepSegment":
+            inputs["seed"] = seed
+        elif node["class_type"] == "LoadImage":
+            inputs["image"] = "diffdis_test.png"
+    return prompt
+
+
+def _saved_cutout(server: Server, entry: dict) -> Path:
+    prompt = entry["prompt"][2]
+    save_id = next(i for i, n in prompt.items() if n["class_type"] == "SaveImage")
+    (image,) = entry["outputs"][save_id]["images"]
+    assert image["type"] == "output"
+    return server.base / "output" / image["subfolder"] / image["filename"]
+
+
+def test_cutout_workflow_saves_an_rgba_png_at_the_input_size(comfyui):
+    started = time.monotonic()
+    entry = comfyui.run_prompt(_cutout_prompt("tiny", seed=0))
+    print(f"\ncutout workflow ran in {time.monotonic() - started:.1f} s")
+    path = _saved_cutout(comfyui, entry)
+    with Image.open(path) as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
+        alpha = np.asarray(cutout)[..., 3]
+    assert alpha.max() > alpha.min()  # a mask, not a constant
+    preview_ids = [i for i, n in entry["prompt"][2].items() if n["class_type"] == "PreviewImage"]
+    assert all(entry["outputs"][i]["images"] for i in preview_ids) and len(preview_ids) == 2
+    print(f"saved {path.relative_to(comfyui.base)}: {cutout.mode} {cutout.size[0]}x{cutout.size[1]}")
+
+
+def test_unload_models_then_run_again_from_the_extra_models_folder(comfyui):
+    comfyui.post("/free", {"unload_models": True, "free_memory": True})
+    entry = comfyui.run_prompt(_cutout_prompt("tiny_extra", seed=1))
+    with Image.open(_saved_cutout(comfyui, entry)) as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
+    log = comfyui.log.read_text(errors="replace")
+    managed = [line for line in log.splitlines() if "DiffDISModules" in line or "loaded completely" in line]
+    assert len([line for line in managed if "Requested to load DiffDISModules" in line]) >= 2, log[-4000:]
+    print("\n" + "\n".join(managed))  # loaded through ComfyUI's model management, again after the unload
+
+
+def test_the_download_entry_uses_the_folder_on_disk_offline(comfyui):
+    """The workflow's own model value (the download entry) with HF_HUB_OFFLINE=1: the complete
+    models/diffdis/DiffDIS folder is loaded and nothing is fetched."""
+    prompt = _cutout_prompt(_test_workflows().models.DOWNLOAD_ENTRY, seed=2)
+    entry = comfyui.run_prompt(prompt)
+    with Image.open(_saved_cutout(comfyui, entry)) as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE

@@ -1,0 +1,658 @@
+"""The five ComfyUI nodes on the tiny fixture model, without ComfyUI (its services fall back).
+
+The pack is imported the way ComfyUI imports it: its root ``__init__.py`` by file path, under a
+package name made from the folder's path, so everything inside must resolve relatively.
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_IDS = ["DiffDISLoader", "DiffDISEncodeCondition", "DiffDISOneStepSegment", "DiffDISDecode", "DiffDISApplyAlpha"]
+COMFY_MODULES = ["folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils"]
+RES = 64  # the tiny model's processing resolution
+
+
+def import_pack(name: str) -> types.ModuleType:
+    """Import the pack like ComfyUI's load_custom_node: spec from <folder>/__init__.py, any name."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PACK = import_pack("/opt/ComfyUI/custom_nodes/comfyui-diffdis copy")
+NODES = PACK.NODE_CLASS_MAPPINGS
+services = sys.modules[PACK.__name__ + ".nodes.services"]
+models = sys.modules[PACK.__name__ + ".nodes.models"]
+batching = sys.modules[PACK.__name__ + ".nodes.batching"]
+tensors = sys.modules[PACK.__name__ + ".nodes.tensors"]
+
+
+def copy_tiny(official_tiny: Path, target: Path) -> Path:
+    shutil.copytree(official_tiny, target, ignore=shutil.ignore_patterns("inputs.*", "expected.*", "README.md"))
+    return target
+
+
+def run(node_id: str, **kwargs):
+    cls = NODES[node_id]
+    return getattr(cls(), cls.FUNCTION)(**kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is fastest on one thread, and immune to OpenMP spinning on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def without_comfyui(monkeypatch):
+    """Make sure no ComfyUI module is importable, whatever the environment (tests add fakes)."""
+    for name in COMFY_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory, official_tiny) -> Path:
+    root = tmp_path_factory.mktemp("models") / "diffdis"
+    copy_tiny(official_tiny, root / "tiny")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def use_models_root(monkeypatch, models_root):
+    monkeypatch.setenv(services.MODELS_DIR_ENV, str(models_root))
+
+
+@pytest.fixture(scope="module")
+def model(models_root):
+    with pytest.MonkeyPatch.context() as patch:
+        for name in COMFY_MODULES:
+            patch.setitem(sys.modules, name, None)
+        patch.setenv(services.MODELS_DIR_ENV, str(models_root))
+        (loaded,) = run("DiffDISLoader", model="tiny", precision="auto", device="cpu")
+    return loaded
+
+
+def images(batch=3, height=40, width=56, channels=3, seed=0) -> torch.Tensor:
+    """A ComfyUI IMAGE batch: smooth shapes on a background, different per image."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(-1, 1, height)[:, None]
+    xs = torch.linspace(-1, 1, width)[None, :]
+    out = []
+    for i in range(batch):
+        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.6, 0.6, 0.4]) + torch.tensor([-0.3, -0.3, 0.3]))
+        disc = (((ys - cy) ** 2 + (xs - cx) ** 2) < r ** 2).float()
+        color = torch.rand(3, generator=g)
+        img = disc[..., None] * color + (1 - disc[..., None]) * torch.tensor([0.2, 0.3, 0.25]) * (1 + 0.1 * i)
+        out.append(img)
+    rgb = torch.stack(out).clamp(0, 1)
+    if channels == 4:
+        rgb = torch.cat([rgb, torch.rand(batch, height, width, 1, generator=g)], dim=-1)
+    return rgb
+
+
+def segment(model, image, seed=0, ensemble=1, tta=False, normalize=True, res=RES):
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=image, processing_res=res)
+    (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=seed, ensemble=ensemble, tta=tta)
+    return run("DiffDISDecode", model=model, latents=latents, normalize=normalize)
+
+
+def error_message(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, "errors are shown on one line"
+    return message
+
+
+# ---------------------------------------------------------------------------- registration
+def test_node_ids_display_names_and_ui_metadata():
+    assert list(NODES) == NODE_IDS
+    assert PACK.NODE_DISPLAY_NAME_MAPPINGS == {
+        "DiffDISLoader": "Load DiffDIS", "DiffDISEncodeCondition": "DiffDIS Encode Condition",
+        "DiffDISOneStepSegment": "DiffDIS One-Step Segment", "DiffDISDecode": "DiffDIS Decode Mask/Edge",
+        "DiffDISApplyAlpha": "DiffDIS Apply Alpha"}
+    for node_id, cls in NODES.items():
+        assert cls.CATEGORY == "image/segmentation/DiffDIS"
+        assert len(cls.DESCRIPTION) > 40
+        assert callable(getattr(cls(), cls.FUNCTION))
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+        for name, (_, options) in cls.INPUT_TYPES()["required"].items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+    segment_inputs = NODES["DiffDISOneStepSegment"].INPUT_TYPES()["required"]
+    assert segment_inputs["seed"][1]["control_after_generate"] is True
+    assert NODES["DiffDISDecode"].RETURN_TYPES == ("MASK", "MASK")
+    assert NODES["DiffDISApplyAlpha"].RETURN_TYPES == ("IMAGE", "MASK")
+    assert "JoinImageWithAlpha".lower() in NODES["DiffDISApplyAlpha"].INPUT_TYPES()["required"]["mask"][1][
+        "tooltip"].replace(" ", "").lower()
+    assert NODES["DiffDISEncodeCondition"].INPUT_TYPES()["required"]["processing_res"][1]["default"] == 1024
+
+
+def test_download_entry_names_the_core_default_model():
+    from diffdis_core import hub
+
+    assert models.DOWNLOAD_REPO == hub.DEFAULT_MODEL
+    assert models.EMBED_FILE == hub.EMPTY_EMBED_FILE
+
+
+def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
+    """Under any folder name, with ComfyUI's own ``nodes`` module loaded and the pack not on sys.path:
+    no diffusers import, no model, ComfyUI's ``nodes`` untouched, the bundled core found."""
+    script = textwrap.dedent(f"""
+        import importlib.util, sys, types
+        comfy_nodes = types.ModuleType("nodes")
+        sys.modules["nodes"] = comfy_nodes
+        name = "/srv/ComfyUI/custom_nodes/My DiffDIS-pack_x_v2"
+        spec = importlib.util.spec_from_file_location(name, {str(ROOT / "__init__.py")!r})
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[name] = pack
+        spec.loader.exec_module(pack)
+        assert sys.modules["nodes"] is comfy_nodes
+        assert sorted(pack.NODE_CLASS_MAPPINGS) == {sorted(NODE_IDS)!r}
+        heavy = [m for m in ("diffusers", "transformers", "huggingface_hub", "diffdis_core") if m in sys.modules]
+        assert not heavy, heavy
+        import diffdis_core
+        assert diffdis_core.__file__.startswith({str(ROOT)!r}), diffdis_core.__file__
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- model folder
+def test_model_list_shows_folders_of_every_root_then_the_download_entry(tmp_path, monkeypatch, official_tiny):
+    first, second = tmp_path / "a", tmp_path / "b"
+    copy_tiny(official_tiny, first / "tiny")
+    (first / ".cache").mkdir()
+    (first / "notes.txt").write_text("not a model")
+    (second / "tiny").mkdir(parents=True)
+    (second / "Other").mkdir()
+    monkeypatch.setenv(services.MODELS_DIR_ENV, os.pathsep.join([str(first), str(second)]))
+    choices = NODES["DiffDISLoader"].INPUT_TYPES()["required"]["model"][0]
+    assert choices == ["tiny", "Other", models.DOWNLOAD_ENTRY]
+
+
+def test_loader_loads_a_folder_on_the_cpu(model, models_root):
+    assert isinstance(model, models.DiffDISModel)
+    assert model.folder == models_root / "tiny"
+    assert model.load_device.type == "cpu" and model.dtype == torch.float32
+    assert model.patcher is None  # no ComfyUI here
+
+
+def test_loader_precision_and_mixing_precisions(model):
+    (bf16,) = run("DiffDISLoader", model="tiny", precision="bf16", device="auto")
+    assert bf16.dtype == torch.bfloat16 and bf16.vae_dtype == torch.bfloat16
+    (fp16,) = run("DiffDISLoader", model="tiny", precision="fp16", device="cpu")
+    assert fp16.dtype == torch.float16
+    (mask, edge) = segment(bf16, images(batch=1))
+    assert mask.dtype == torch.float32 and mask.shape == (1, 40, 56)
+    # A condition encoded by an fp32 model is cast for a bf16 one (two loaders in one graph).
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=images(batch=1), processing_res=RES)
+    (latents,) = run("DiffDISOneStepSegment", model=bf16, cond=cond, seed=0, ensemble=1, tta=False)
+    assert latents.views[0].mask_latents.dtype == torch.bfloat16
+    mixed, _ = run("DiffDISDecode", model=model, latents=latents, normalize=True)
+    torch.testing.assert_close(mixed, mask, atol=0.1, rtol=0)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("missing", "does not exist"),
+    ("../tiny", "not a folder name"),
+    ("..", "not a folder name"),
+    ("/etc", "not a folder name"),
+    ("sub/tiny", "not a folder name"),
+    ("..\\tiny", "not a folder name"),
+    ("C:\\models\\tiny", "not a folder name"),
+    ("", "no model selected"),
+])
+def test_loader_rejects_bad_model_names(name, expected, models_root):
+    from diffdis_core import DiffDISError
+
+    with pytest.raises(DiffDISError) as excinfo:
+        run("DiffDISLoader", model=name, precision="auto", device="auto")
+    message = error_message(excinfo)
+    assert expected in message
+    if name == "missing":
+        assert str(models_root / "missing") in message
+        assert "missing/unet/" in message and "missing/vae/" in message and "empty_text_embed.safetensors" in message
+
+
+def test_loader_names_what_an_incomplete_folder_lacks(tmp_path, monkeypatch, official_tiny):
+    from diffdis_core import DiffDISError
+
+    folder = copy_tiny(official_tiny, tmp_path / "half")
+    shutil.rmtree(folder / "vae")
+    (folder / "empty_text_embed.safetensors").unlink()
+    monkeypatch.setenv(services.MODELS_DIR_ENV, str(tmp_path))
+    with pytest.raises(DiffDISError) as excinfo:
+        run("DiffDISLoader", model="half", precision="auto", device="auto")
+    message = error_message(excinfo)
+    assert str(folder) in message and "incomplete" in message
+    assert "vae/config.json" in message and "empty_text_embed.safetensors (or text_encoder" in message
+
+
+@pytest.mark.parametrize("option, value", [("precision", "fp8"), ("device", "cuda:7")])
+def test_loader_rejects_unknown_options(option, value):
+    from diffdis_core import DiffDISError
+
+    kwargs = {"model": "tiny", "precision": "auto", "device": "auto", option: value}
+    with pytest.raises(DiffDISError, match=f"{option} '{value}' is not one of"):
+        run("DiffDISLoader", **kwargs)
+
+
+def test_missing_dependencies_say_how_to_install_them(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffdis_core", None)  # as if diffusers (or the core) failed to import
+    with pytest.raises(RuntimeError) as excinfo:
+        run("DiffDISLoader", model="tiny", precision="auto", device="auto")
+    message = error_message(excinfo)
+    assert message.startswith("DiffDIS could not import its dependencies (ModuleNotFoundError: ")
+    assert f"{sys.executable} -m pip install -r {ROOT / 'requirements.txt'}" in message
+
+
+def test_download_entry_uses_a_complete_folder_without_the_network(tmp_path, monkeypatch, official_tiny):
+    from diffdis_core import hub
+
+    copy_tiny(official_tiny, tmp_path / models.DOWNLOAD_FOLDER)
+    monkeypatch.setenv(services.MODELS_DIR_ENV, str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used although the model is on disk")
+
+    monkeypatch.setattr(hub, "download", no_network)
+    (loaded,) = run("DiffDISLoader", model=models.DOWNLOAD_ENTRY, precision="auto", device="cpu")
+    assert loaded.folder == tmp_path / models.DOWNLOAD_FOLDER
+
+
+def test_download_entry_downloads_into_the_models_folder(tmp_path, monkeypatch, official_tiny):
+    from diffdis_core import hub
+
+    monkeypatch.setenv(services.MODELS_DIR_ENV, str(tmp_path))
+    calls = []
+
+    def fake_snapshot(repo, patterns, local_dir=None, **kwargs):
+        # What huggingface-hub would leave: the released layout (here: text encoder missing, embedding present).
+        calls.append((repo, list(patterns), Path(local_dir)))
+        copy_tiny(official_tiny, Path(local_dir) / "copy")
+        for item in (Path(local_dir) / "copy").iterdir():
+            shutil.move(str(item), str(Path(local_dir) / item.name))
+        (Path(local_dir) / "copy").rmdir()
+        return Path(local_dir)
+
+    monkeypatch.setattr(hub, "download", fake_snapshot)
+    (loaded,) = run("DiffDISLoader", model=models.DOWNLOAD_ENTRY, precision="auto", device="cpu")
+    target = tmp_path / models.DOWNLOAD_FOLDER
+    assert loaded.folder == target
+    assert calls == [(models.DOWNLOAD_REPO, models.DOWNLOAD_FILES + models.TEXT_ENCODER_FILES, target)]
+    assert models.DOWNLOAD_FOLDER in models.list_models()
+
+
+def test_download_failure_says_where_to_put_the_files(tmp_path, monkeypatch):
+    from diffdis_core import DiffDISError, hub
+
+    monkeypatch.setenv(services.MODELS_DIR_ENV, str(tmp_path / "models" / "diffdis"))
+
+    def offline(repo, patterns, local_dir=None, **kwargs):
+        raise DiffDISError(f"could not get {patterns[0]} from Hugging Face repo '{repo}' (LocalEntryNotFoundError); "
+                           "when offline, download them by hand")
+
+    monkeypatch.setattr(hub, "download", offline)
+    with pytest.raises(DiffDISError) as excinfo:
+        run("DiffDISLoader", model=models.DOWNLOAD_ENTRY, precision="auto", device="auto")
+    message = error_message(excinfo)
+    target = tmp_path / "models" / "diffdis" / models.DOWNLOAD_FOLDER
+    assert f"could not download qianyu1217/diffdis into {target}" in message
+    assert "LocalEntryNotFoundError" in message
+    assert "DiffDIS/unet/{config.json, diffusion_pytorch_model.safetensors}" in message
+    assert "DiffDIS/vae/" in message and "huggingface.co/qianyu1217/diffdis" in message
+
+
+def test_model_folder_registration_merges_with_extra_model_paths(tmp_path, monkeypatch, official_tiny):
+    """With ComfyUI's folder_paths present: paths from extra_model_paths.yaml (registered before
+    custom nodes load) are kept, ComfyUI/models/diffdis is added once, and all are searched."""
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.models_dir = str(tmp_path / "ComfyUI" / "models")
+    extra = str(tmp_path / "shared" / "diffdis")
+    folder_paths.folder_names_and_paths = {"diffdis": ([extra], set())}
+
+    def add_model_folder_path(folder_name, full_folder_path, is_default=False):  # ComfyUI's semantics
+        paths = folder_paths.folder_names_and_paths.setdefault(folder_name, ([], set()))[0]
+        if full_folder_path in paths:
+            if is_default:
+                paths.remove(full_folder_path)
+                paths.insert(0, full_folder_path)
+        else:
+            paths.insert(0, full_folder_path) if is_default else paths.append(full_folder_path)
+
+    folder_paths.add_model_folder_path = add_model_folder_path
+    folder_paths.get_folder_paths = lambda name: folder_paths.folder_names_and_paths[name][0][:]
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+
+    default = os.path.join(folder_paths.models_dir, "diffdis")
+    PACK.nodes.register_model_folder()
+    PACK.nodes.register_model_folder()
+    assert folder_paths.folder_names_and_paths["diffdis"][0] == [extra, default]
+    copy_tiny(official_tiny, Path(default) / "tiny")
+    (Path(extra) / "shared_model").mkdir(parents=True)
+    assert models.list_models() == ["shared_model", "tiny", models.DOWNLOAD_ENTRY]
+    assert services.model_roots() == [Path(extra), Path(default)]
+
+    del folder_paths.folder_names_and_paths["diffdis"]
+    PACK.nodes.register_model_folder()
+    assert folder_paths.folder_names_and_paths["diffdis"] == ([default], set())
+
+
+# ---------------------------------------------------------------------------- the three stages
+def test_nodes_give_the_core_pipelines_result(model):
+    image = images(batch=1)
+    mask, edge = segment(model, image, seed=3)
+    expected = model.pipeline(image.movedim(-1, 1), processing_res=RES, generator=torch.Generator().manual_seed(3))
+    assert mask.shape == edge.shape == (1, 40, 56)
+    torch.testing.assert_close(mask, expected.mask[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(edge, expected.edge[:, 0], atol=1e-6, rtol=0)
+    assert mask.device.type == "cpu" and mask.dtype == torch.float32
+
+
+def test_batch_rgba_input_and_per_image_seeding(model):
+    batch = images(batch=3, channels=4)
+    mask, edge = segment(model, batch, seed=11)
+    assert mask.shape == edge.shape == (3, 40, 56)
+    rgb_mask, _ = segment(model, batch[..., :3], seed=11)
+    torch.testing.assert_close(mask, rgb_mask, atol=0, rtol=0)  # the alpha channel is ignored
+    # Each image's mask is what it gets alone: the batch does not change it.
+    for i in range(3):
+        alone, _ = segment(model, batch[i:i + 1], seed=11)
+        torch.testing.assert_close(mask[i:i + 1], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(mask[0], mask[1])
+    other_seed, _ = segment(model, batch, seed=12)
+    assert not torch.allclose(mask, other_seed)
+
+
+def test_ensemble_and_tta_match_the_core(model):
+    image = images(batch=1, seed=5)
+    mask, edge = segment(model, image, seed=2, ensemble=2, tta=True)
+    expected = model.pipeline(image.movedim(-1, 1), processing_res=RES, generator=torch.Generator().manual_seed(2),
+                              ensemble_size=2, tta=True)
+    torch.testing.assert_close(mask, expected.mask[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(edge, expected.edge[:, 0], atol=1e-5, rtol=0)
+
+
+def test_normalize_is_the_authors_min_max(model):
+    image = images(batch=2, height=RES, width=RES)  # at the processing size: no resize after the min-max
+    raw, _ = segment(model, image, normalize=False)
+    normalized, _ = segment(model, image, normalize=True)
+    expected = model.pipeline(image[:1].movedim(-1, 1), processing_res=RES, generator=torch.Generator().manual_seed(0),
+                              minmax=False)
+    torch.testing.assert_close(raw[:1], expected.mask[:, 0], atol=1e-6, rtol=0)
+    for r, n in zip(raw, normalized, strict=True):
+        assert n.min().item() == pytest.approx(0.0, abs=1e-6) and n.max().item() == pytest.approx(1.0, abs=1e-6)
+        torch.testing.assert_close(n, (r - r.min()) / (r.max() - r.min()), atol=1e-5, rtol=0)
+    assert raw.max() - raw.min() < 0.9  # so the check above is not trivially true
+
+
+def test_sizes_change_between_runs(model):
+    wide, _ = segment(model, images(batch=1, height=40, width=56))
+    tall, _ = segment(model, images(batch=2, height=72, width=48))
+    square, _ = segment(model, images(batch=1, height=64, width=64))
+    assert wide.shape == (1, 40, 56) and tall.shape == (2, 72, 48) and square.shape == (1, 64, 64)
+
+
+class Recorder:
+    """Stands in for ComfyUI's ProgressBar."""
+
+    bars: list = []
+
+    def __init__(self, total):
+        self.total, self.updates = total, []
+        Recorder.bars.append(self)
+
+    def update(self, value):
+        self.updates.append(value)
+
+
+def test_batches_run_in_chunks_sized_to_free_memory(model, monkeypatch):
+    batch = images(batch=5)
+    whole_mask, whole_edge = segment(model, batch, seed=4, ensemble=2)
+
+    calls = {"encode_condition": [], "segment": [], "decode": []}
+    for stage in calls:
+        original = getattr(model.pipeline, stage)
+
+        def counted(*args, _original=original, _stage=stage, **kwargs):
+            first = args[0]
+            calls[_stage].append(len(first.sizes) if hasattr(first, "sizes") else first.shape[0])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(model.pipeline, stage, counted)
+    monkeypatch.setattr(batching, "chunk_size", lambda bytes_per_image, device: 2)  # two images fit at a time
+    monkeypatch.setattr(services, "progress_bar", Recorder)
+    Recorder.bars = []
+    mask, edge = segment(model, batch, seed=4, ensemble=2)
+
+    assert calls == {"encode_condition": [2, 2, 1], "segment": [2, 2, 1], "decode": [2, 2, 1]}
+    torch.testing.assert_close(mask, whole_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(edge, whole_edge, atol=1e-5, rtol=0)
+    encode_bar, segment_bar, decode_bar = Recorder.bars
+    assert (encode_bar.total, encode_bar.updates) == (5, [2, 2, 1])
+    assert (segment_bar.total, segment_bar.updates) == (10, [2, 2, 2, 2, 1, 1])  # per UNet call: 2 draws
+    assert (decode_bar.total, decode_bar.updates) == (5, [2, 2, 1])
+
+
+def test_chunk_size_follows_memory_and_is_capped(monkeypatch):
+    per_image = batching.encode_bytes(1024, torch.float16)
+    monkeypatch.setattr(services, "free_memory", lambda device: 3 * per_image + 1)
+    assert batching.chunk_size(per_image, torch.device("cpu")) == 3
+    monkeypatch.setattr(services, "free_memory", lambda device: per_image // 2)
+    assert batching.chunk_size(per_image, torch.device("cpu")) == 1
+    monkeypatch.setattr(services, "free_memory", lambda device: 10_000 * per_image)
+    assert batching.chunk_size(per_image, torch.device("cpu")) == batching.MAX_CHUNK
+    assert batching.segment_bytes(1024, torch.float16, torch.float32, tta=True) > \
+        batching.segment_bytes(1024, torch.float16, torch.float32, tta=False)
+
+
+def test_cancel_is_honoured_between_chunks(model, monkeypatch):
+    class Interrupted(Exception):
+        pass
+
+    checks = []
+
+    def check_interrupted():
+        checks.append(1)
+        if len(checks) > 1:
+            raise Interrupted
+
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=images(batch=4), processing_res=RES)
+    segmented = []
+    original = model.pipeline.segment
+    monkeypatch.setattr(model.pipeline, "segment", lambda *a, **k: segmented.append(1) or original(*a, **k))
+    monkeypatch.setattr(services, "free_memory", lambda device: 1)  # one image per chunk
+    monkeypatch.setattr(services, "check_interrupted", check_interrupted)
+    with pytest.raises(Interrupted):
+        run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=False)
+    assert len(segmented) == 1  # the cancel after the first chunk's UNet call stopped the rest
+    assert model.pipeline.progress_bar is None
+
+
+def test_out_of_memory_halves_the_chunk_and_retries():
+    sizes = []
+
+    def work(start, stop):
+        sizes.append(stop - start)
+        if stop - start > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return list(range(start, stop))
+
+    parts = batching.run_in_chunks(8, 8, work)
+    assert [i for part in parts for i in part] == list(range(8))
+    assert sizes == [8, 4, 2, 2, 2, 2]  # 8 and 4 run out of memory, chunks of 2 fit
+
+    def always_oom(start, stop):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        batching.run_in_chunks(2, 2, always_oom)
+
+
+# ---------------------------------------------------------------------------- input errors
+@pytest.mark.parametrize("value", [60, 0, 8, 4104, "64", True, 64.0])
+def test_bad_processing_res(model, value):
+    from diffdis_core import DiffDISError
+
+    with pytest.raises(DiffDISError) as excinfo:
+        run("DiffDISEncodeCondition", model=model, image=images(batch=1), processing_res=value)
+    message = error_message(excinfo)
+    assert message.startswith("processing_res must be a multiple of 8 from 64 to 4096, got ")
+
+
+@pytest.mark.parametrize("image, expected", [
+    (torch.rand(1, 3, 32, 32)[..., :2], "must be an IMAGE [batch, height, width, 3 or 4 channels]"),
+    (torch.rand(32, 32), "must be an IMAGE"),
+    ("image.png", "image must be an IMAGE tensor, got str"),
+])
+def test_bad_image(model, image, expected):
+    from diffdis_core import DiffDISError
+
+    with pytest.raises(DiffDISError, match=expected.replace("[", r"\[")):
+        run("DiffDISEncodeCondition", model=model, image=image, processing_res=RES)
+
+
+def test_bad_segment_and_decode_inputs(model):
+    from diffdis_core import DiffDISError
+
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=images(batch=1), processing_res=RES)
+    with pytest.raises(DiffDISError, match="ensemble must be a whole number from 1 to 16, got 0"):
+        run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=0, tta=False)
+    with pytest.raises(DiffDISError, match="seed must be a whole number"):
+        run("DiffDISOneStepSegment", model=model, cond=cond, seed=-1, ensemble=1, tta=False)
+    with pytest.raises(DiffDISError, match="cond must come from a DiffDIS Encode Condition node, got Tensor"):
+        run("DiffDISOneStepSegment", model=model, cond=torch.zeros(1), seed=0, ensemble=1, tta=False)
+    with pytest.raises(DiffDISError, match="model must come from a Load DiffDIS node, got dict"):
+        run("DiffDISOneStepSegment", model={}, cond=cond, seed=0, ensemble=1, tta=False)
+    with pytest.raises(DiffDISError, match="latents must come from a DiffDIS One-Step Segment node, got"):
+        run("DiffDISDecode", model=model, latents=cond, normalize=True)
+
+
+# ---------------------------------------------------------------------------- Apply Alpha
+def apply(image, mask, background="alpha", custom_color="#3366CC", mask_blur=0, mask_expand=0, threshold=0.0,
+          invert=False):
+    return run("DiffDISApplyAlpha", image=image, mask=mask, background=background, custom_color=custom_color,
+               mask_blur=mask_blur, mask_expand=mask_expand, threshold=threshold, invert=invert)
+
+
+def square_mask(batch=2, size=32, low=8, high=24, value=1.0) -> torch.Tensor:
+    mask = torch.zeros(batch, size, size)
+    mask[:, low:high, low:high] = value
+    return mask
+
+
+def test_alpha_output_is_rgba_with_the_mask_as_alpha():
+    image = images(batch=2, height=32, width=32, channels=4)
+    mask = torch.rand(2, 32, 32)
+    out, out_mask = apply(image, mask)
+    assert out.shape == (2, 32, 32, 4)
+    torch.testing.assert_close(out[..., :3], image[..., :3])
+    torch.testing.assert_close(out[..., 3], mask)
+    torch.testing.assert_close(out_mask, mask)
+
+
+@pytest.mark.parametrize("background, color", [
+    ("white", (1.0, 1.0, 1.0)), ("black", (0.0, 0.0, 0.0)), ("gray", (0.5, 0.5, 0.5)), ("green", (0.0, 1.0, 0.0)),
+    ("custom", (0x33 / 255, 0x66 / 255, 0xCC / 255)),
+])
+def test_colour_backgrounds_give_rgb_composites(background, color):
+    image = images(batch=2, height=32, width=32)
+    mask = square_mask()
+    mask[:, 0, 0] = 0.25  # a soft pixel
+    out, _ = apply(image, mask, background=background)
+    assert out.shape == (2, 32, 32, 3)
+    fill = torch.tensor(color)
+    torch.testing.assert_close(out[:, 31, 31], fill.expand(2, 3))  # background
+    torch.testing.assert_close(out[:, 16, 16], image[:, 16, 16])  # foreground
+    torch.testing.assert_close(out[:, 0, 0], 0.25 * image[:, 0, 0] + 0.75 * fill)
+
+
+@pytest.mark.parametrize("text, rgb", [("#FF8000", (1.0, 128 / 255, 0.0)), ("f80", (1.0, 136 / 255, 0.0)),
+                                       (" 0, 255 ,17 ", (0.0, 1.0, 17 / 255))])
+def test_custom_colour_formats(text, rgb):
+    out, _ = apply(images(batch=1, height=8, width=8), torch.zeros(8, 8), background="custom", custom_color=text)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor(rgb))
+
+
+@pytest.mark.parametrize("text", ["orange", "#12345", "256,0,0", "1,2"])
+def test_bad_custom_colour(text):
+    from diffdis_core import DiffDISError
+
+    with pytest.raises(DiffDISError, match="custom_color .* is not a colour: write it as #RRGGBB"):
+        apply(images(batch=1, height=8, width=8), torch.zeros(8, 8), background="custom", custom_color=text)
+
+
+def test_mask_shapes_sizes_and_batches():
+    image = images(batch=3, height=32, width=32)
+    mask = torch.rand(32, 32)
+    out_2d, _ = apply(image, mask)  # [H, W]: one mask for every image
+    out_3d, _ = apply(image, mask.expand(3, 32, 32))
+    out_4d, _ = apply(image, mask.expand(3, 1, 32, 32))
+    torch.testing.assert_close(out_2d, out_3d)
+    torch.testing.assert_close(out_4d, out_3d)
+    small = square_mask(batch=1, size=16, low=4, high=12)
+    out, out_mask = apply(image, small)  # another size: resized to the image
+    assert out_mask.shape == (3, 32, 32) and out_mask[0, 16, 16] == 1 and out_mask[0, 0, 0] == 0
+    single, masks = apply(image[:1], torch.rand(3, 32, 32))  # one image, three masks
+    assert single.shape == (3, 32, 32, 4)
+    from diffdis_core import DiffDISError
+
+    with pytest.raises(DiffDISError, match=r"image batch \(3\) and mask batch \(2\) differ"):
+        apply(image, torch.rand(2, 32, 32))
+    with pytest.raises(DiffDISError, match=r"mask must be a MASK \[batch, height, width\] or \[height, width\]"):
+        apply(image, torch.rand(32))
+
+
+def test_threshold_invert_expand_and_blur():
+    image = images(batch=1, height=32, width=32)
+    soft = square_mask(batch=1, value=0.6)
+    soft[:, 8:24, 8] = 0.3
+    _, hard = apply(image, soft, threshold=0.5)
+    assert set(hard.unique().tolist()) == {0.0, 1.0} and hard[0, 16, 8] == 0 and hard[0, 16, 9] == 1
+    _, kept_soft = apply(image, soft, threshold=0.0)
+    torch.testing.assert_close(kept_soft, soft)
+    _, inverted = apply(image, soft, threshold=0.5, invert=True)
+    torch.testing.assert_close(inverted, 1 - hard)
+
+    square = square_mask(batch=1)  # ones on rows/cols 8..23
+    _, grown = apply(image, square, mask_expand=2)
+    assert grown.sum() == 20 * 20 and grown[0, 6, 6] == 1 and grown[0, 5, 5] == 0
+    _, shrunk = apply(image, square, mask_expand=-3)
+    assert shrunk.sum() == 10 * 10 and shrunk[0, 11, 11] == 1 and shrunk[0, 10, 10] == 0
+    _, blurred = apply(image, square, mask_blur=3)
+    assert blurred[0, 16, 16].item() == pytest.approx(1.0) and blurred[0, 0, 0].item() == pytest.approx(0.0)
+    assert 0.3 < blurred[0, 16, 8] < 0.7 and 0 < blurred[0, 16, 6] < 0.2  # a soft edge across the border
+    assert blurred.sum().item() == pytest.approx(square.sum().item(), rel=0.01)
+    _, inverted_grown = apply(image, square, invert=True, mask_expand=1)
+    assert inverted_grown[0, 8, 8] == 1 and inverted_grown[0, 9, 9] == 0  # the kept region (background) grew
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("mask_blur", -1, "mask_blur must be a whole number from 0 to 256"),
+    ("mask_expand", 300, "mask_expand must be a whole number from -256 to 256"),
+    ("threshold", 1.5, "threshold must be a number from 0.0 to 1.0"),
+    ("background", "blue", "background 'blue' is not one of alpha, white, black, gray, green, custom"),
+])
+def test_bad_apply_alpha_options(option, value, message):
+    from diffdis_core import DiffDISError
+
+    with pytest.raises(DiffDISError, match=message):
+        apply(images(batch=1, height=8, width=8), torch.zeros(8, 8), **{option: value})

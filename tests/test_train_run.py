@@ -1,0 +1,158 @@
+"""End-to-end CPU training runs with a tiny SD-Turbo-like base and a toy DIS-style dataset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffdis_core import DiffDISPipeline, DiffDISUNet
+from training import train as train_script
+from training.synthetic import make_base_from, make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_KEYS = {"step", "epoch", "loss", "mask_loss", "edge_loss", "lr", "images_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, official_tiny):
+    root = tmp_path_factory.mktemp("toy_training")
+    config = json.loads((official_tiny / "unet" / "config.json").read_text())
+    base = make_base_from(config, official_tiny, root / "sd_turbo_tiny")
+    dataset = make_dataset(root / "DIS5K", train=8, val=2)
+    return base, dataset
+
+
+def run(toy, output, *extra):
+    base, dataset = toy
+    return train_script.main(["--pretrained", str(base), "--base", "none", "--dataset", str(dataset),
+                              "--output", str(output), "--resolution", "64", "--batch-size", "2",
+                              "--num-workers", "0", "--log-every", "1", *extra])
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_smoke_run_learns_and_leaves_checkpoints_and_a_loadable_model(toy, tmp_path):
+    _, dataset = toy
+    before = listing(dataset)
+    out = tmp_path / "run"
+    assert run(toy, out, "--max-steps", "30", "--lr", "1e-3", "--checkpoint-every", "10", "--keep-checkpoints", "2",
+               "--validate-every", "15") == 0
+
+    log = read_log(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert all(LOG_KEYS <= set(r) for r in log)
+    assert log[3]["epoch"] == 1.0  # 8 images / batch 2 = 4 steps per epoch
+    assert log[0]["lr"] == 1e-3 and log[0]["bde_lr"] == pytest.approx(1e-2)
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.7 * first, f"loss did not fall: {first:.1f} -> {last:.1f}"
+    assert all(abs(r["loss"] - r["mask_loss"] - r["edge_loss"]) < 1e-3 * r["loss"] for r in log)
+
+    val = read_log(out / "val_log.jsonl")
+    assert [r["step"] for r in val] == [15, 30] and all({"Fmax", "Fw", "Em", "Sm", "MAE"} <= set(r) for r in val)
+
+    checkpoints = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-20", "checkpoint-30"]  # the last two kept
+    last_ckpt = out / "checkpoint-30"
+    for name in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "optimizer.bin", "scheduler.bin",
+                 "random_states_0.pkl", "training_state.json"):
+        assert (last_ckpt / name).is_file(), name
+    assert json.loads((last_ckpt / "training_state.json").read_text())["step"] == 30
+    assert not list(out.glob(".*partial"))
+
+    final = out / "final"
+    trained = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    checkpointed = load_file(last_ckpt / "unet" / "diffusion_pytorch_model.safetensors")
+    assert trained.keys() == checkpointed.keys() and all(torch.equal(trained[k], checkpointed[k]) for k in trained)
+    DiffDISUNet.from_pretrained(last_ckpt / "unet")  # strict load: the released layout
+    pipe = DiffDISPipeline.from_pretrained(final, base=None)
+    mask = pipe(torch.rand(1, 3, 50, 70), processing_res=64, generator=torch.Generator().manual_seed(0)).mask
+    assert mask.shape == (1, 1, 50, 70) and 0 <= mask.min() and mask.max() <= 1
+    # Trained weights differ from the start, including the zero-initialised SWCI outputs.
+    assert trained["rgb_proj.0.weight"].abs().max() > 0
+
+    assert listing(dataset) == before  # edge maps are cached in the run folder, not the dataset
+    assert (out / "edge_cache").is_dir()
+
+
+def test_resume_continues_the_same_run(toy, tmp_path):
+    # lr halves every epoch (4 steps) here, so the schedule is checked across the resume too.
+    common = ["--lr", "1e-3", "--lr-decay", "0.5", "--lr-decay-epochs", "1", "--checkpoint-every", "2",
+              "--keep-checkpoints", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(toy, straight, "--max-steps", "6", *common) == 0
+    assert run(toy, resumed, "--max-steps", "2", *common) == 0
+    # A run killed during step 3 and while writing checkpoint 4: a logged step after the checkpoint and a
+    # half-written checkpoint folder, both to be discarded.
+    with open(resumed / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+    (resumed / ".checkpoint-4.partial" / "unet").mkdir(parents=True)
+    assert run(toy, resumed, "--max-steps", "6", "--resume", *common) == 0
+
+    a, b = read_log(straight / "train_log.jsonl"), read_log(resumed / "train_log.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["lr"] for r in b] == pytest.approx([1e-3] * 4 + [5e-4] * 2)
+    for x, y in zip(a, b, strict=True):
+        assert x["images"] == y["images"]  # same data order, through an epoch boundary (4 steps per epoch)
+        assert x["lr"] == y["lr"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    wa = load_file(straight / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(resumed / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-5
+    assert not (resumed / ".checkpoint-4.partial").exists()
+
+
+def test_run_folder_is_never_overwritten_unasked(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(toy, out, "--max-steps", "1", "--no-cutmix") == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert run(toy, out, "--max-steps", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert run(toy, out, "--max-steps", "2", "--resume", "--batch-size", "4") == 2
+    assert "batch_size 2 -> 4" in capsys.readouterr().err
+    assert run(toy, out, "--max-steps", "2", "--overwrite", "--checkpoint-every", "2") == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "3"], "--batch-size must be even"),
+    (["--resolution", "60"], "multiple of 8"),
+    (["--resume", "--overwrite"], "pass only one"),
+])
+def test_bad_options_fail_in_one_line(toy, tmp_path, capsys, extra, message):
+    assert run(toy, tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_script_reports_a_missing_dataset_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), "--dataset", str(tmp_path / "nope"),
+                             "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: dataset folder {tmp_path / 'nope'} does not exist; "
+                                                  "expected DIS5K layout (<dataset>/<split>/im/*.jpg + gt/*.png) "
+                                                  "or a folder with im/ and gt/"]
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,370 @@
+"""The example workflows: UI files (what users drag into ComfyUI) agree with their API twins (what
+POST /prompt takes), and the API cutout graph runs through the registered node classes.
+
+Core ComfyUI nodes are stubbed minimally (file in/out, mask to image); ours run for real on the
+tiny fixture model.
+"""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+NAMES = ["cutout", "generate_and_cutout"]
+COMFY_MODULES = ["folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils"]
+
+# Frontend-only nodes: never sent to the server.
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+CONTROL_AFTER_GENERATE = "control_after_generate"  # the UI-only value after a seed widget
+# Widget inputs of the core nodes the workflows use, in ComfyUI 0.8's definition order (UI-only
+# widgets in brackets). test_comfyui_integration checks this table against a real /object_info.
+CORE_WIDGETS = {
+    "LoadImage": ["image", "[upload]"],
+    "SaveImage": ["filename_prefix"],
+    "PreviewImage": [],
+    "MaskToImage": [],
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "CLIPTextEncode": ["text"],
+    "EmptyLatentImage": ["width", "height", "batch_size"],
+    "KSampler": ["seed", f"[{CONTROL_AFTER_GENERATE}]", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "VAEDecode": [],
+    "EmptyImage": ["width", "height", "batch_size", "color"],
+    "ImageCompositeMasked": ["x", "y", "resize_source"],
+}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def import_pack(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PACK = import_pack("/home/user/ComfyUI/custom_nodes/ComfyUI-DiffDIS")
+OUR_NODES = PACK.NODE_CLASS_MAPPINGS
+models = sys.modules[PACK.__name__ + ".nodes.models"]
+
+
+def load(name: str, api: bool = False) -> dict:
+    return json.loads((WORKFLOWS / ("api" if api else "") / f"{name}.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------- UI -> API
+def widgets_from_input_types(input_types: dict) -> list[str]:
+    """Widget names of a node definition (INPUT_TYPES or /object_info "input") in order, with the
+    UI-only widgets the frontend adds: the seed control after a seed, the upload button after an image."""
+    names = []
+    for section in ("required", "optional"):
+        for name, spec in input_types.get(section, {}).items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                names.append(name)
+                if options.get(CONTROL_AFTER_GENERATE):
+                    names.append(f"[{CONTROL_AFTER_GENERATE}]")
+                if options.get("image_upload"):
+                    names.append("[upload]")
+    return names
+
+
+def our_widgets(class_type: str) -> list[str] | None:
+    cls = OUR_NODES.get(class_type)
+    return None if cls is None else widgets_from_input_types(cls.INPUT_TYPES())
+
+
+def ui_to_api(ui: dict, widget_names) -> dict:
+    """What the frontend's "Export (API)" makes of a UI workflow: links by [node id, slot], widget
+    values by name, UI-only widgets and frontend-only nodes left out."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):  # muted or bypassed
+            continue
+        names = widget_names(node["type"])
+        assert names is not None, f"unknown node type {node['type']}"
+        values = node.get("widgets_values", [])
+        assert len(values) == len(names), f"node {node['id']} {node['type']}: widgets {values} vs {names}"
+        inputs = {name: value for name, value in zip(names, values, strict=True) if not name.startswith("[")}
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def comparable(api: dict) -> dict:
+    return {node_id: {"class_type": n["class_type"], "inputs": n["inputs"]} for node_id, n in api.items()}
+
+
+def local_widget_names(class_type: str) -> list[str] | None:
+    return our_widgets(class_type) if class_type in OUR_NODES else CORE_WIDGETS.get(class_type)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_files_agree(name):
+    assert ui_to_api(load(name), local_widget_names) == comparable(load(name, api=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_links_match_the_node_definitions(name):
+    ui = load(name)
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(link[0] for link in ui["links"])
+    for link_id, origin, origin_slot, target, target_slot, kind in ui["links"]:
+        output = nodes[origin]["outputs"][origin_slot]
+        socket = nodes[target]["inputs"][target_slot]
+        assert output["type"] == socket["type"] == kind, f"link {link_id}"
+        assert link_id in output["links"] and socket["link"] == link_id
+    for node in ui["nodes"]:
+        cls = OUR_NODES.get(node["type"])
+        if cls is None:
+            continue
+        required = cls.INPUT_TYPES()["required"]
+        sockets = {name: spec[0] for name, spec in required.items()
+                   if not isinstance(spec[0], list) and spec[0] not in WIDGET_TYPES}
+        assert {s["name"]: s["type"] for s in node["inputs"]} == sockets
+        assert all(s["link"] is not None for s in node["inputs"]), f"node {node['id']} has an unconnected input"
+        outputs = [(o["name"], o["type"]) for o in node["outputs"]]
+        assert outputs == list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES, strict=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_core_and_diffdis_nodes_without_extension_metadata(name):
+    ui, api = load(name), load(name, api=True)
+    known = set(CORE_WIDGETS) | set(OUR_NODES)
+    assert {node["class_type"] for node in api.values()} <= known
+    assert {node["type"] for node in ui["nodes"]} <= known | VIRTUAL_NODES
+    assert set(OUR_NODES) <= {node["class_type"] for node in api.values()}
+    assert set(ui["extra"]) <= {"ds"}
+    for node in ui["nodes"]:
+        assert set(node.get("properties", {})) <= {"Node name for S&R"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_widget_values_are_valid_for_our_nodes(name):
+    for node in load(name, api=True).values():
+        cls = OUR_NODES.get(node["class_type"])
+        if cls is None:
+            continue
+        required = cls.INPUT_TYPES()["required"]
+        assert set(node["inputs"]) == set(required)
+        for key, value in node["inputs"].items():
+            kind, options = required[key][0], required[key][1]
+            if isinstance(kind, list):
+                assert value in kind
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= value <= options["max"]
+        if node["class_type"] == "DiffDISLoader":
+            assert node["inputs"]["model"] == models.DOWNLOAD_ENTRY  # works on a fresh install
+
+
+# ---------------------------------------------------------------------------- running the API graph
+class LoadImage:
+    """Core LoadImage, minimally: an image file from the input folder as IMAGE and MASK."""
+
+    input_dir: Path = None
+
+    def load_image(self, image):
+        with Image.open(self.input_dir / image) as picture:
+            rgba = picture.convert("RGBA")
+        array = np.asarray(rgba, dtype=np.float32) / 255.0
+        return torch.from_numpy(array[..., :3])[None], 1.0 - torch.from_numpy(array[..., 3])[None]
+
+
+class SaveImage:
+    """Core SaveImage, minimally: each image of the batch as a PNG (RGBA when it has 4 channels)."""
+
+    output_dir: Path = None
+    saved: list = []
+
+    def save_images(self, images, filename_prefix="ComfyUI"):
+        for index, image in enumerate(images):
+            path = self.output_dir / f"{filename_prefix.replace('/', '_')}_{index:05}_.png"
+            Image.fromarray(np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)).save(path)
+            SaveImage.saved.append((filename_prefix, path))
+        return ()
+
+
+class PreviewImage:
+    previews: list = []
+
+    def save_images(self, images):
+        PreviewImage.previews.append(images)
+        return ()
+
+
+class MaskToImage:
+    def mask_to_image(self, mask):
+        return (mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).movedim(1, -1).expand(-1, -1, -1, 3),)
+
+
+CORE_STUBS = {"LoadImage": (LoadImage, "load_image"), "SaveImage": (SaveImage, "save_images"),
+              "PreviewImage": (PreviewImage, "save_images"), "MaskToImage": (MaskToImage, "mask_to_image")}
+
+
+def dependency_order(prompt: dict) -> list[str]:
+    remaining = dict(prompt)
+    order = []
+    while remaining:
+        ready = sorted((node_id for node_id, node in remaining.items()
+                        if all(not isinstance(v, list) or v[0] in order for v in node["inputs"].values())), key=int)
+        assert ready, f"a cycle or a dangling link among {sorted(remaining)}"
+        order.extend(ready)
+        for node_id in ready:
+            del remaining[node_id]
+    return order
+
+
+def execute(prompt: dict, stubs: dict) -> dict:
+    """Run an API-format prompt: our node classes for our nodes, ``stubs`` for core ones."""
+    results = {}
+    for node_id in dependency_order(prompt):
+        node = prompt[node_id]
+        kwargs = {key: results[value[0]][value[1]] if isinstance(value, list) else value
+                  for key, value in node["inputs"].items()}
+        if node["class_type"] in OUR_NODES:
+            cls = OUR_NODES[node["class_type"]]
+            assert set(kwargs) == set(cls.INPUT_TYPES()["required"])
+            function = getattr(cls(), cls.FUNCTION)
+        else:
+            cls, function_name = stubs[node["class_type"]]
+            function = getattr(cls(), function_name)
+        results[node_id] = function(**kwargs)
+    return results
+
+
+@pytest.fixture
+def comfy_dirs(tmp_path, monkeypatch, official_tiny):
+    """Models, input and output folders like ComfyUI's, and no ComfyUI modules importable."""
+    for name in COMFY_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    models_dir = tmp_path / "models" / "diffdis"
+    shutil.copytree(official_tiny, models_dir / "tiny", ignore=shutil.ignore_patterns("inputs.*", "expected.*"))
+    monkeypatch.setenv("DIFFDIS_MODELS_DIR", str(models_dir))
+    for folder in ("input", "output"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.setattr(LoadImage, "input_dir", tmp_path / "input")
+    monkeypatch.setattr(SaveImage, "output_dir", tmp_path / "output")
+    monkeypatch.setattr(SaveImage, "saved", [])
+    monkeypatch.setattr(PreviewImage, "previews", [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is fastest on one thread
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def for_tiny_model(prompt: dict) -> dict:
+    """The test model and its processing resolution instead of the released model's."""
+    for node in prompt.values():
+        if node["class_type"] == "DiffDISLoader":
+            node["inputs"]["model"] = "tiny"
+        if node["class_type"] == "DiffDISEncodeCondition":
+            node["inputs"]["processing_res"] = 64
+    return prompt
+
+
+def test_cutout_api_workflow_saves_an_rgba_cutout(comfy_dirs):
+    width, height = 56, 40
+    picture = np.zeros((height, width, 4), np.uint8)
+    picture[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None]
+    picture[10:30, 15:40, 1] = 200
+    picture[..., 3] = 128  # an RGBA input: its alpha must not leak into the cutout
+    Image.fromarray(picture, "RGBA").save(comfy_dirs / "input" / "test.png")
+    prompt = for_tiny_model(load("cutout", api=True))
+    loads = [node for node in prompt.values() if node["class_type"] == "LoadImage"]
+    assert len(loads) == 1
+    loads[0]["inputs"]["image"] = "test.png"
+
+    results = execute(prompt, CORE_STUBS)
+
+    decode_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISDecode")
+    mask, edge = results[decode_id]
+    assert mask.shape == edge.shape == (1, height, width)
+    assert len(SaveImage.saved) == 1
+    prefix, path = SaveImage.saved[0]
+    assert prefix == "DiffDIS/cutout"
+    with Image.open(path) as saved:
+        assert saved.mode == "RGBA" and saved.size == (width, height)
+        cutout = np.asarray(saved)
+    np.testing.assert_array_equal(cutout[..., :3], picture[..., :3])
+    expected_alpha = np.clip(255.0 * mask[0].numpy(), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(cutout[..., 3], expected_alpha)
+    assert cutout[..., 3].max() > cutout[..., 3].min()
+    previews = PreviewImage.previews
+    assert len(previews) == 2 and all(p.shape == (1, height, width, 3) for p in previews)
+    torch.testing.assert_close(previews[0][..., 0], mask)
+    torch.testing.assert_close(previews[1][..., 0], edge)
+
+
+# Stand-ins for the text-to-image part, so the DiffDIS part of generate_and_cutout runs as wired.
+class CheckpointLoaderSimple:
+    def load_checkpoint(self, ckpt_name):
+        return "MODEL", "CLIP", "VAE"
+
+
+class CLIPTextEncode:
+    def encode(self, clip, text):
+        return (f"CONDITIONING({text})",)
+
+
+class EmptyLatentImage:
+    def generate(self, width, height, batch_size):
+        return ({"samples": torch.zeros(batch_size, 4, height // 8, width // 8)},)
+
+
+class KSampler:
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise):
+        return (latent_image,)
+
+
+class VAEDecode:
+    """A picture the size the latent decodes to: a bright disc on a dark background."""
+
+    def decode(self, vae, samples):
+        batch, _, h, w = samples["samples"].shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8 * h), torch.linspace(-1, 1, 8 * w), indexing="ij")
+        disc = (ys ** 2 + xs ** 2 < 0.4).float()[None, ..., None]
+        return ((0.2 + 0.7 * disc) * torch.tensor([1.0, 0.8, 0.6])).expand(batch, -1, -1, -1),
+
+
+class EmptyImage:
+    def generate(self, width, height, batch_size, color):
+        rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF]) / 255.0
+        return (rgb.expand(batch_size, height, width, 3).clone(),)
+
+
+class ImageCompositeMasked:
+    def composite(self, destination, source, x, y, resize_source, mask=None):
+        assert (x, y, resize_source) == (0, 0, False) and destination.shape == source.shape
+        alpha = mask.reshape(-1, mask.shape[-2], mask.shape[-1])[..., None]
+        return (source * alpha + destination * (1 - alpha),)
+
+
+GENERATE_STUBS = {**CORE_STUBS, **{cls.__name__: (cls, function) for cls, function in [
+    (CheckpointLoaderSimple, "load_checkpoint"), (CLIPTextEncode, "encode"), (EmptyLatentImage, "generate"),
+    (KSampler, "sample"), (VAEDecode, "decode"), (EmptyImage, "generate"), (ImageCompositeMasked, "composite")]}}
+
+
+def test_generate_and_cutout_api_workflow_wires_diffdis_between_core_nodes(comfy_dirs):
+    prompt = for_tiny_model(load("generate_and_cutout", api=True))
+    results = execute(prompt, GENERATE_STUBS)
+    by_prefix = dict(SaveImage.saved)
+    assert set(by_prefix) == {"DiffDIS/generated_cutout", "DiffDIS/composite"}
+    with Image.open(by_prefix["DiffDIS/generated_cutout"]) as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == (512, 512)
+    with Image.open(by_prefix["DiffDIS/composite"]) as composite:
+        assert composite.mode == "RGB" and composite.size == (512, 512)
+    decode_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISDecode")
+    assert results[decode_id][0].shape == (1, 512, 512)

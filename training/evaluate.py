@@ -1,0 +1,334 @@
+"""Score DiffDIS on DIS5K (or any im/ + gt/ folders) the way the paper does.
+
+    python training/evaluate.py --model qianyu1217/diffdis --dataset /data/DIS5K
+    python training/evaluate.py --model runs/dis/final --dataset /data/DIS5K --split DIS-VD --no-tta --json vd.json
+    python training/evaluate.py --pred preds/DIS-VD --gt /data/DIS5K/DIS-VD/gt          # saved maps only
+    accelerate launch training/evaluate.py ...                                            # images split over GPUs
+
+Inference uses the paper's settings by default (1024², one step, the authors' flip × 3-scale test-time
+augmentation, per-image min-max), with a fixed noise seed per image. Scoring follows the authors'
+test_score.py (see training/metrics.py): maps binarised at 0.5, max F, weighted F, adaptive E, S and MAE
+(plus HCE). ``--soft`` scores the soft maps instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from diffdis_core import DiffDISError
+from diffdis_core.hub import DEFAULT_BASE, DEFAULT_MODEL
+from training.data import DIS5K_SPLITS, MASK_EXTENSIONS, Sample, find_pairs, load_mask, load_rgb, split_folder
+from training.metrics import DISMetrics, combine, format_table, mean_over_splits
+
+TEST_SPLITS = ["DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"]
+TEST_MEAN = "DIS-TE (1-4)"
+PAPER_TABLE = {  # Table 2 of the paper (DiffDIS, 1024²)
+    "DIS-VD": (0.908, 0.888, 0.948, 0.904, 0.029),
+    "DIS-TE1": (0.883, 0.862, 0.933, 0.891, 0.030),
+    "DIS-TE2": (0.917, 0.895, 0.951, 0.913, 0.026),
+    "DIS-TE3": (0.934, 0.916, 0.964, 0.919, 0.025),
+    "DIS-TE4": (0.909, 0.893, 0.955, 0.896, 0.032),
+    TEST_MEAN: (0.911, 0.892, 0.950, 0.905, 0.028),
+}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (``error: ...``, exit 2) like every other error here."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------- inference
+class _EvalImages:
+    """Loads (image, ground truth) pairs in DataLoader workers while the model runs."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        return sample.name, load_rgb(sample.image), np.asarray(load_mask(sample.mask))
+
+
+def _as_list(batch):
+    """Keep a batch as a list of (name, PIL image, mask): the images differ in size."""
+    return batch
+
+
+def predict_and_score(pipe, samples: list[Sample], *, processing_res: int = 1024, tta: bool = True, seed: int = 0,
+                      batch_size: int = 1, binarize: bool = True, hce: bool = True, save_dir: Path | None = None,
+                      bits: int = 16, num_workers: int = 2, progress: bool = True, desc: str = "evaluate",
+                      autocast=None) -> dict:
+    """Run ``pipe`` on this process's share of ``samples`` (accelerate's ``split_between_processes``) and
+    score it; returns ``DISMetrics.partial()`` (combine the processes' with ``gather_partials``).
+
+    Each image gets its own generator seeded with ``seed``, so a result does not depend on the batch,
+    the order or the number of processes.
+    """
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from diffdis_core.image_io import save_image
+
+    with PartialState().split_between_processes(list(samples)) as shard:
+        shard = list(shard)
+    metrics = DISMetrics(binarize=binarize, hce=hce)
+    loader = torch.utils.data.DataLoader(_EvalImages(shard), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_as_list)
+    bar = tqdm(total=len(shard), desc=desc, unit="image", disable=not progress, leave=False)
+    for batch in loader:
+        names, images, gts = zip(*batch, strict=True)
+        generators = [torch.Generator("cpu").manual_seed(seed) for _ in images]
+        with autocast() if autocast is not None else nullcontext():
+            masks = pipe(list(images), processing_res=processing_res, generator=generators, tta=tta,
+                         decode_edge=False).mask
+        for name, mask, gt in zip(names, masks, gts, strict=True):
+            pred = mask.reshape(mask.shape[-2:]).float().cpu().numpy()
+            if save_dir is not None:
+                save_image(to_png(pred, bits), save_dir / f"{name}.png")
+            metrics.update(pred, gt)
+            bar.update(1)
+    bar.close()
+    return metrics.partial()
+
+
+def to_png(pred: np.ndarray, bits: int):
+    from PIL import Image
+
+    if bits == 16:
+        return Image.fromarray(np.round(np.clip(pred, 0, 1) * 65535).astype(np.uint16))
+    return Image.fromarray(np.round(np.clip(pred, 0, 1) * 255).astype(np.uint8), "L")
+
+
+def gather_partials(partial: dict) -> list[dict]:
+    """Every process's partial sums (a one-element list without distribution)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    if PartialState().num_processes == 1:
+        return [partial]
+    return gather_object([partial])
+
+
+# ---------------------------------------------------------------------------------------------- saved maps
+PRED_EXTENSIONS = MASK_EXTENSIONS
+
+
+def read_prediction(path: Path) -> np.ndarray:
+    """A saved map as uint8 or uint16 (16-bit PNGs keep their precision)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I;16") or image.mode == "I":
+                return np.asarray(image).astype(np.uint16)
+            if image.mode == "F":
+                return np.asarray(image, dtype=np.float64)
+            return np.asarray(image.convert("L"))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise DiffDISError(f"{path}: unreadable prediction ({error})") from None
+
+
+def pair_predictions(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
+    """(prediction, ground truth) by stem; a ground truth without a prediction is an error."""
+    if not pred_dir.is_dir():
+        raise DiffDISError(f"prediction folder {pred_dir} does not exist")
+    if not gt_dir.is_dir():
+        raise DiffDISError(f"ground-truth folder {gt_dir} does not exist")
+    preds = {p.stem: p for p in sorted(pred_dir.iterdir()) if p.suffix.lower() in PRED_EXTENSIONS}
+    gts = {p.stem: p for p in sorted(gt_dir.iterdir()) if p.suffix.lower() in MASK_EXTENSIONS}
+    if not gts:
+        raise DiffDISError(f"no masks in {gt_dir}")
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        raise DiffDISError(f"{len(missing)} of {len(gts)} ground truths in {gt_dir} have no prediction in {pred_dir}, "
+                           f"e.g. {', '.join(missing[:3])}; predictions are matched by file stem")
+    return [(preds[stem], gts[stem]) for stem in sorted(gts)]
+
+
+def score_saved(pairs: list[tuple[Path, Path]], binarize: bool, hce: bool, progress: bool, desc: str) -> dict:
+    from tqdm.auto import tqdm
+
+    metrics = DISMetrics(binarize=binarize, hce=hce)
+    for pred_path, gt_path in tqdm(pairs, desc=desc, unit="image", disable=not progress, leave=False):
+        metrics.update(read_prediction(pred_path), np.asarray(load_mask(gt_path)))
+    return metrics.partial()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="python training/evaluate.py",
+        description="Score a DiffDIS model (or saved predictions) on DIS5K with the paper's protocol.")
+    source = parser.add_argument_group("what to score")
+    source.add_argument("--model", default=None,
+                        help=f"model folder (e.g. a training run's final/), UNet file or Hugging Face repo "
+                             f"(default {DEFAULT_MODEL})")
+    source.add_argument("--base", default=DEFAULT_BASE,
+                        help=f"SD-Turbo folder or repo for parts the model lacks; 'none' for none "
+                             f"(default {DEFAULT_BASE})")
+    source.add_argument("--dataset", help="DIS5K root (with DIS-VD/, DIS-TE1/ ...) or a folder with im/ and gt/")
+    source.add_argument("--split", nargs="+", default=None,
+                        help=f"splits to score (default: {' '.join(DIS5K_SPLITS)})")
+    source.add_argument("--pred", help="score saved predictions: a folder of maps (with --gt), or a folder with one "
+                                       "subfolder per split (with --dataset); nothing is run")
+    source.add_argument("--gt", help="ground-truth folder for --pred")
+    infer = parser.add_argument_group("inference (the paper's settings by default)")
+    infer.add_argument("--resolution", type=int, default=1024, help="processing resolution (default 1024)")
+    infer.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                       help="the authors' flip x 3-scale test-time augmentation (default on, as in the paper)")
+    infer.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image (default 0)")
+    infer.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    infer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (accelerate launch: its own)")
+    infer.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                       help="model precision (default fp32, as the paper)")
+    infer.add_argument("--max-images", type=int, default=None, help="score only the first N images of each split")
+    infer.add_argument("--num-workers", type=int, default=2, help="image-loading workers (default 2)")
+    infer.add_argument("--save-pred", help="also write the predicted maps to SAVE_PRED/<split>/<stem>.png")
+    infer.add_argument("--pred-bits", type=int, choices=[8, 16], default=16,
+                       help="PNG depth of saved maps (default 16)")
+    infer.add_argument("--overwrite", action="store_true", help="replace maps already in --save-pred")
+    score = parser.add_argument_group("scoring")
+    score.add_argument("--soft", action="store_true",
+                       help="score the soft maps (no binarisation; mean E-measure) instead of the authors' protocol")
+    score.add_argument("--no-hce", action="store_true", help="skip human correction effort (the slowest metric)")
+    score.add_argument("--json", help="write the figures here: {split: {Fmax, Fw, Em, Sm, MAE, HCE, images}}")
+    score.add_argument("--compare-paper", action="store_true", help="also print the paper's Table 2 figures")
+    return parser
+
+
+def resolve_splits(dataset: str, splits: list[str] | None) -> list[tuple[str, Path]]:
+    root = Path(dataset)
+    if (root / "im").is_dir() and (root / "gt").is_dir():
+        if splits:
+            raise DiffDISError(f"{root} is a single im/ + gt/ folder; --split only applies to a DIS5K root")
+        return [(root.resolve().name, root)]
+    return [(name, split_folder(root, name)) for name in (splits or DIS5K_SPLITS)]
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    if args.resolution < 8 or args.resolution % 8:
+        raise DiffDISError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.batch_size < 1:
+        raise DiffDISError(f"--batch-size must be at least 1, got {args.batch_size}")
+    binarize, hce = not args.soft, not args.no_hce
+    if args.pred:
+        if args.model:
+            raise DiffDISError("give either --model (run inference) or --pred (score saved maps), not both")
+        if args.gt:
+            if args.dataset or args.split:
+                raise DiffDISError("--pred with --gt scores one folder pair; leave out --dataset and --split")
+            jobs = [(Path(args.pred).resolve().name, pair_predictions(Path(args.pred), Path(args.gt)))]
+        elif args.dataset:
+            jobs = []
+            for name, folder in resolve_splits(args.dataset, args.split):
+                pred = Path(args.pred) / name
+                pred = pred / "mask" if (pred / "mask").is_dir() else pred  # the authors' <split>/mask/ layout
+                jobs.append((name, pair_predictions(pred, folder / "gt")))
+        else:
+            raise DiffDISError("--pred needs --gt (one folder pair) or --dataset (one subfolder per split)")
+        results = {}
+        for name, pairs in jobs:
+            pairs = pairs[: args.max_images] if args.max_images else pairs
+            results[name] = combine([score_saved(pairs, binarize, hce, True, name)])
+        return results
+
+    if args.gt:
+        raise DiffDISError("--gt is only used with --pred")
+    if not args.dataset:
+        raise DiffDISError("give --dataset (a DIS5K root or an im/ + gt/ folder) to evaluate a model on")
+    splits = [(name, folder, find_pairs(folder)) for name, folder in resolve_splits(args.dataset, args.split)]
+    save_root = Path(args.save_pred) if args.save_pred else None
+    if save_root is not None and not args.overwrite:
+        for name, _, samples in splits:
+            existing = [s.name for s in samples if (save_root / name / f"{s.name}.png").exists()]
+            if existing:
+                raise DiffDISError(f"{save_root / name} already has {len(existing)} of these maps "
+                                   f"(e.g. {existing[0]}.png); pass --overwrite to replace them or choose another "
+                                   "--save-pred")
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from diffdis_core import DiffDISPipeline
+    from diffdis_core.devices import DTYPES, pick_device
+
+    # Under accelerate launch (or torchrun) the images are split over the processes; CPU-only multi-process
+    # runs are opted into as accelerate does, with ACCELERATE_USE_CPU.
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = state.device if state.num_processes > 1 else pick_device(args.device)
+    base = None if str(args.base).lower() == "none" else args.base
+    pipe = DiffDISPipeline.from_pretrained(args.model or DEFAULT_MODEL, base=base, torch_dtype=DTYPES[args.dtype],
+                                           device=device)
+    if state.is_main_process:
+        print(f"model {args.model or DEFAULT_MODEL}: {args.resolution}², one step, TTA {'on' if args.tta else 'off'}, "
+              f"seed {args.seed}, {args.dtype}, {'soft maps' if args.soft else 'binarised maps (authors protocol)'}, "
+              f"{state.num_processes} process(es) on {device}", file=sys.stderr)
+    results = {}
+    for name, _, samples in splits:
+        samples = samples[: args.max_images] if args.max_images else samples
+        save_dir = save_root / name if save_root is not None else None
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode():
+            partial = predict_and_score(
+                pipe, samples, processing_res=args.resolution, tta=args.tta, seed=args.seed,
+                batch_size=args.batch_size, binarize=binarize, hce=hce, save_dir=save_dir, bits=args.pred_bits,
+                num_workers=args.num_workers, progress=state.is_main_process, desc=name)
+        results[name] = combine(gather_partials(partial))
+    return results
+
+
+def report(results: dict[str, dict], args: argparse.Namespace) -> None:
+    if all(s in results for s in TEST_SPLITS):
+        results[TEST_MEAN] = mean_over_splits(results, TEST_SPLITS)
+    print(format_table(results, soft=args.soft))
+    if args.compare_paper:
+        paper = {name: dict(zip(("Fmax", "Fw", "Em", "Sm", "MAE"), PAPER_TABLE[name], strict=True))
+                 for name in results if name in PAPER_TABLE}
+        if paper:
+            print("\npaper (Table 2):")
+            print(format_table(paper))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean = {name: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                 for name, r in results.items()}
+        path.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = run(args)
+    except DiffDISError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        report(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
