@@ -95,6 +95,8 @@ def measure(resolution: int, dtype_name: str, mode: str, device_name: str, repea
         from transformers import CLIPTextConfig, CLIPTextModel
 
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD_TEXT_ENCODER_CONFIG)).to(device, dtype)
+        for module in (pipe.unet, pipe.vae):  # their code keeps PyTorch's default layout
+            torch.nn.Module.to(module, memory_format=torch.contiguous_format)
     rgb = torch.rand(1, 3, resolution, resolution, device=device)
 
     def once():
