@@ -4,6 +4,8 @@ Times one image end to end (encode at 4 scales, one UNet step of batch 2, decode
 and precision, mask only and mask + edge, and the authors' pipeline for comparison: their sequence of
 operations (always decoding mask and edge in one batch of 2, `DDPMScheduler.step`) with their text
 encoder kept in memory. Each configuration runs in a fresh process so peak memory is its own.
+On CPU our runs use the command line's allocator setting (`keep_freed_memory`); `--default-allocator`
+measures them as a Python program or ComfyUI runs them.
 
     python benchmarks/inference.py                      # 512/768/1024 x fp32/bf16/fp16 on the best device
     python benchmarks/inference.py --resolutions 512 --dtypes fp32 --device cpu
@@ -82,12 +84,36 @@ def authors_inference(pipe, rgb, text_encoder):
     return mask.mean(1, keepdim=True), edge.mean(1, keepdim=True), text_encoder
 
 
-def measure(resolution: int, dtype_name: str, mode: str, device_name: str, repeats: int) -> dict:
+def reset_peak_rss() -> None:
+    """Forget the process's peak resident memory so far (Linux), so that building the model (in
+    float32, then cast) does not count: the peak is then weights + inference."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # lifetime peak (no reset possible)
+
+
+def measure(resolution: int, dtype_name: str, mode: str, device_name: str, repeats: int,
+            default_allocator: bool) -> dict:
     import torch
 
-    from diffdis_core.devices import pick_device, pick_dtype
+    from diffdis_core.devices import keep_freed_memory, pick_device, pick_dtype
 
     device = pick_device(device_name)
+    if mode != "authors" and device.type == "cpu" and not default_allocator:
+        keep_freed_memory()  # as `python -m diffdis_core` does on CPU
     dtype = pick_dtype(dtype_name, device)
     pipe = build_pipeline(device, dtype)
     text_encoder = None
@@ -112,6 +138,8 @@ def measure(resolution: int, dtype_name: str, mode: str, device_name: str, repea
     once()  # warm-up (kernel selection, allocator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -120,7 +148,7 @@ def measure(resolution: int, dtype_name: str, mode: str, device_name: str, repea
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+        peak = peak_rss_gib()
     return {"resolution": resolution, "dtype": dtype_name, "mode": mode, "device": str(device),
             "seconds": min(times), "peak_gib": peak}
 
@@ -132,12 +160,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is for our runs too (as inside ComfyUI or a Python "
+                             "program), instead of the command line's keep_freed_memory() on CPU")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     args = parser.parse_args()
 
     if args.one:
         resolution, dtype_name, mode = args.one.split(",")
-        print(json.dumps(measure(int(resolution), dtype_name, mode, args.device, args.repeats)))
+        print(json.dumps(measure(int(resolution), dtype_name, mode, args.device, args.repeats,
+                                 args.default_allocator)))
         return
 
     print(f"{'res':>5} {'dtype':>5} {'mode':>10} {'device':>7} {'s/image':>8} {'peak GiB':>9} {'vs authors':>10}")
@@ -147,6 +179,7 @@ def main() -> None:
             for mode in sorted(args.modes, key=lambda m: m != "authors"):
                 command = [sys.executable, __file__, "--one", f"{resolution},{dtype_name},{mode}",
                            "--device", args.device, "--repeats", str(args.repeats)]
+                command += ["--default-allocator"] if args.default_allocator else []
                 run = subprocess.run(command, capture_output=True, text=True)
                 if run.returncode != 0:
                     last = (run.stderr.strip().splitlines() or ["failed"])[-1]

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-edge", action="store_true", help="also write <stem>_edge.png (decodes the edge too)")
     parser.add_argument("--overwrite", action="store_true", help="replace results that already exist in --output")
     parser.add_argument("--recursive", action="store_true", help="also look for images in subfolders")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="on CPU, return freed memory to the system at once: about 20%% slower, "
+                             "a quarter to half less peak memory")
     return parser
 
 
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .devices import pick_device, pick_dtype
+    from .devices import keep_freed_memory, pick_device, pick_dtype
     from .image_io import cutout, load_image, save_image, to_uint8
     from .pipeline import DiffDISPipeline
 
@@ -125,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    if device.type == "cpu" and not args.low_memory:
+        keep_freed_memory()  # this process ends with the batch: trade memory return for ~20% speed
     base = None if args.base.lower() == "none" else args.base
     pipe = DiffDISPipeline.from_pretrained(args.model, base=base, torch_dtype=dtype, device=device)
     output.mkdir(parents=True, exist_ok=True)

@@ -109,22 +109,22 @@ def image_size_of(path: Path) -> tuple[int, int]:
         raise DiffDISError(f"{path}: unreadable image ({error})") from None
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """The image's stored pixels as RGB. No EXIF rotation: DIS5K masks are aligned with the stored pixels."""
+def _open_as(path: str | os.PathLike, mode: str, what: str) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DiffDISError(f"{path}: unreadable image ({error})") from None
+        raise DiffDISError(f"{path}: unreadable {what} ({error})") from None
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image's stored pixels as RGB. No EXIF rotation: DIS5K masks are aligned with the stored pixels."""
+    return _open_as(path, "RGB", "image")
 
 
 def load_mask(path: str | os.PathLike) -> Image.Image:
     """A mask as 8-bit grayscale (as the authors: PIL ``convert('L')``)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("L")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DiffDISError(f"{path}: unreadable mask ({error})") from None
+    return _open_as(path, "L", "mask")
 
 
 # ---------------------------------------------------------------------------------------------- edge maps
