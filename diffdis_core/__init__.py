@@ -2,13 +2,34 @@
 
 ``DiffDISPipeline.from_pretrained(...)(image).mask`` gives the foreground mask; ``python -m diffdis_core``
 cuts out images from the command line.
+
+Attributes are imported on first use: ``diffdis_core.spec``, ``.devices`` and ``.errors`` stay light
+(no diffusers), so front ends can import them at start-up.
 """
 
-from .errors import DiffDISError
-from .pipeline import DiffDISCondition, DiffDISLatents, DiffDISOutput, DiffDISPipeline, SegmentationView
-from .unet import DiffDISUNet
+from __future__ import annotations
 
-__all__ = [
-    "DiffDISCondition", "DiffDISError", "DiffDISLatents", "DiffDISOutput", "DiffDISPipeline", "DiffDISUNet",
-    "SegmentationView",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+from .errors import DiffDISError
+
+_LAZY = {
+    "DiffDISCondition": "pipeline", "DiffDISLatents": "pipeline", "DiffDISOutput": "pipeline",
+    "DiffDISPipeline": "pipeline", "SegmentationView": "pipeline", "DiffDISUNet": "unet",
+}
+
+if TYPE_CHECKING:
+    from .pipeline import DiffDISCondition, DiffDISLatents, DiffDISOutput, DiffDISPipeline, SegmentationView
+    from .unet import DiffDISUNet
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DiffDISError", *_LAZY]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import DiffDISError
-from .hub import DEFAULT_BASE, DEFAULT_MODEL
+from .spec import DEFAULT_BASE, DEFAULT_MODEL
 from .image_io import IMAGE_EXTENSIONS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2

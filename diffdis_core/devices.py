@@ -1,4 +1,7 @@
-"""Choosing a device and dtype: CUDA, Apple MPS, XPU or CPU, never hard-coded."""
+"""Choosing a device and dtype: CUDA, Apple MPS, XPU or CPU, never hard-coded.
+
+Light (torch only): the ComfyUI nodes use the same rules.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ from .errors import DiffDISError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ["auto", "fp32", "fp16", "bf16"]
+
+# CPU features that give bfloat16 matrix products in hardware (torch.cpu.get_capabilities() keys).
+NATIVE_BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -33,13 +40,54 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: float16 on accelerators (half the memory and time), float32 on CPU (where half is slow)."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16), as torch reports it.
+
+    Without it bfloat16 is emulated and slower than float32.
+    """
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # public since torch 2.5
+    if get_capabilities is None:
+        return False
+    capabilities = get_capabilities()
+    return any(bool(capabilities.get(feature)) for feature in NATIVE_BF16_CPU_FEATURES)
+
+
+def auto_dtype(device: torch.device | str) -> torch.dtype:
+    """The fastest precision that is safe on ``device``.
+
+    - CPU: bfloat16 where the CPU has native bf16 (AMX / AVX512-BF16), else float32.
+    - CUDA: bfloat16 on compute capability >= 8 (Ampere and newer), else float16 (the VAE then
+      stays float32, see ``vae_dtype``).
+    - XPU: bfloat16 where supported, else float16.
+    - MPS: float16 (with a float32 VAE); not measured here (no Mac).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.bfloat16 if torch.cuda.get_device_capability(index)[0] >= 8 else torch.float16
+    if device.type == "xpu":
+        supported = getattr(torch.xpu, "is_bf16_supported", lambda: False)()
+        return torch.bfloat16 if supported else torch.float16
+    return torch.float16
+
+
+def pick_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """A dtype from ``auto`` / fp32 / fp16 / bf16 (or float32... or a torch.dtype)."""
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return auto_dtype(device)
     if name not in DTYPES:
         raise DiffDISError(f"unknown dtype {name!r}: use auto, fp32, fp16 or bf16")
     return DTYPES[name]
+
+
+def vae_dtype(dtype: torch.dtype, force_upcast: bool = True) -> torch.dtype:
+    """The VAE's dtype for a pipeline in ``dtype``: float32 in float16 when the VAE's config asks
+    for it (the SD VAE overflows in float16); bfloat16 has float32's range and needs no upcast."""
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
 def keep_freed_memory() -> bool:

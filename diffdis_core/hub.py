@@ -12,11 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffDISError
-
-DEFAULT_MODEL = "qianyu1217/diffdis"
-DEFAULT_BASE = "stabilityai/sd-turbo"
-EMPTY_EMBED_FILE = "empty_text_embed.safetensors"
-EMPTY_EMBED_KEY = "empty_text_embed"
+from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, EMPTY_EMBED_KEY, UNET_WEIGHTS_NAMES  # noqa: F401
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -56,8 +52,6 @@ def resolve_unet_files(
     location: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
 ) -> tuple[Path | None, Path]:
     """Return (config.json or None, weights .safetensors) for a UNet folder, file or repo."""
-    from .unet import WEIGHTS_NAMES
-
     if is_repo_id(location):
         prefix = f"{subfolder}/" if subfolder else ""
         location = download(os.fspath(location), [f"{prefix}config.json", f"{prefix}*.safetensors"], **hub_kwargs)
@@ -69,7 +63,7 @@ def resolve_unet_files(
         raise DiffDISError(f"{path} does not exist: give a DiffDIS model folder, a UNet .safetensors file "
                            f"or a Hugging Face repo id such as {DEFAULT_MODEL}")
     folder = path / subfolder if subfolder and (path / subfolder).is_dir() else path
-    for name in WEIGHTS_NAMES:
+    for name in UNET_WEIGHTS_NAMES:
         if (folder / name).is_file():
             config = folder / "config.json"
             return (config if config.is_file() else None), folder / name
@@ -77,4 +71,4 @@ def resolve_unet_files(
     if pickled:
         raise DiffDISError(f"{folder} has only {pickled[0]}: DiffDIS loads .safetensors weights only "
                            "(pickled files can run code); convert it or download the safetensors version")
-    raise DiffDISError(f"no UNet weights in {folder}: expected {WEIGHTS_NAMES[0]}; {LAYOUT_HELP}")
+    raise DiffDISError(f"no UNet weights in {folder}: expected {UNET_WEIGHTS_NAMES[0]}; {LAYOUT_HELP}")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import DiffDISError
-from .hub import EMPTY_EMBED_KEY
+from .spec import EMPTY_EMBED_KEY
 
 TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"  # "text_model."-prefixed in most files
 

@@ -29,8 +29,8 @@ from torch import nn
 
 from .configs import DIFFDIS_CONFIG_OVERRIDES, SD_TURBO_UNET_CONFIG
 from .errors import DiffDISError
+from .spec import UNET_WEIGHTS_NAMES
 
-WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 # Keys a single-file repack (set-soft/RemBG ``DiffDIS_F16.safetensors``) adds around the UNet.
 REPACK_UNET_PREFIX = "unet."
 REPACK_EMBED_KEY = "positive"

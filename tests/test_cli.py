@@ -27,7 +27,8 @@ def test_cutout_is_rgba_at_the_displayed_size(tmp_path, official_tiny, tiny_pipe
     exif = Image.Exif()
     exif[0x0112] = 6  # EXIF orientation: rotate 90° for display
     image.save(tmp_path / "photo.jpg", exif=exif)
-    assert cli(official_tiny, str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "out"), "--seed", "3") == 0
+    assert cli(official_tiny, str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "out"), "--seed", "3",
+               "--dtype", "fp32") == 0
     result = Image.open(tmp_path / "out" / "photo.png")
     assert result.mode == "RGBA" and result.size == (30, 50)  # width, height after rotation
     rgb = load_image(tmp_path / "photo.jpg")
