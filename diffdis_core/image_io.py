@@ -25,7 +25,8 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb_tensor(image)
+            rgb = pil_to_rgb_tensor(image)
+            return rgb.float() / 255 if rgb.dtype == torch.uint8 else rgb
     except FileNotFoundError:
         raise DiffDISError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -36,7 +37,9 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         raise DiffDISError(f"{path}: unreadable image ({error})") from None
 
 
-def _to_rgb_tensor(image: Image.Image) -> torch.Tensor:
+def pil_to_rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image of any mode as RGB [3, H, W]: uint8 for 8-bit images (no float copy of a large
+    photo), float in [0, 1] for 16-bit and float images."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit or float grayscale: convert("RGB") would clip to 8 bits.
         array = np.asarray(image, dtype=np.float32)
@@ -47,7 +50,7 @@ def _to_rgb_tensor(image: Image.Image) -> torch.Tensor:
         # Palette/LA/RGBA/CMYK/YCbCr...: through RGBA so palette transparency is honoured, then drop alpha.
         image = image.convert("RGBA") if image.mode in ("P", "PA", "LA", "RGBa", "La") else image
         image = image.convert("RGB")
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.array(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 

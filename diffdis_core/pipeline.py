@@ -1,49 +1,64 @@
-"""DiffDISPipeline: image -> mask (and edge) in one UNet step.
+"""DiffDISPipeline: image -> mask (and edge) in one UNet step, as a diffusers pipeline.
 
 The stages are public so front ends (the ComfyUI nodes) can run them one by one:
-``encode_condition`` (image -> multi-scale RGB latents), ``segment`` (one UNet step -> mask and edge
-latents) and ``decode`` (latents -> maps at the input size). ``__call__`` chains them.
+``encode_condition`` (image -> multi-scale RGB latents), ``segment`` (one UNet step per view and
+noise draw -> mask and edge latents) and ``decode`` (latents -> maps at the input size, with the
+authors' ensembling and test-time augmentation). ``__call__`` chains them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .configs import LATENT_SCALE_FACTOR, SD_TURBO_SCHEDULER_CONFIG
+from .devices import pick_dtype, vae_dtype
+from .ensemble import ENSEMBLE_METHODS, ensemble_maps
 from .errors import DiffDISError
-from .hub import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE
+from .image_io import pil_to_rgb_tensor
 from .loading import ModelSources
+from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, TTA_VIEWS, check_processing_res
 from .text import save_empty_embedding
 from .unet import DiffDISUNet, read_unet_state_dict
 
 ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray | torch.Tensor
+NoiseInput = torch.Tensor | Sequence[torch.Tensor]
 
-# The authors' test-time augmentation: horizontal flip x scales 0.75 / 1 / 1.25 (six views).
-TTA_VIEWS = [(False, 1.0), (True, 1.0), (False, 0.75), (True, 0.75), (False, 1.25), (True, 1.25)]
+PLAIN_VIEW = (False, 1.0)
+# Above this processing size the VAE decodes in tiles of this size (diffusers' tiling): memory stays
+# that of a 1024² decode.
+VAE_TILE_SIZE = 1024
+
+NON_FINITE_HELP = ("the model produced NaN or infinite values: its weights may be damaged (load them again), or "
+                   "float16 overflowed (use bf16 or fp32)")
 
 
 @dataclass
 class DiffDISCondition:
     """What the UNet is conditioned on, for a batch of B images."""
 
-    image: torch.Tensor  # [B, 3, R, R] in [-1, 1] at the processing resolution (kept for TTA views)
+    image: torch.Tensor | None  # [B, 3, R, R] in [-1, 1] at the processing size; only TTA needs it
     rgb_latents: list[torch.Tensor]  # VAE latents of the image at full, 1/2, 1/4, 1/8 side: [B, 4, R/8 / 2^k]
     sizes: list[tuple[int, int]]  # each input image's (height, width)
 
+    @property
+    def processing_res(self) -> int:
+        return int(self.rgb_latents[0].shape[-1]) * 8
+
     def to(self, device: torch.device | str | None = None) -> DiffDISCondition:
-        return DiffDISCondition(self.image.to(device), [r.to(device) for r in self.rgb_latents], list(self.sizes))
+        image = self.image.to(device) if self.image is not None else None
+        return DiffDISCondition(image, [r.to(device) for r in self.rgb_latents], list(self.sizes))
 
 
 @dataclass
@@ -64,52 +79,55 @@ class DiffDISLatents:
     sizes: list[tuple[int, int]]
     processing_res: int
 
+    def _plain_view(self) -> SegmentationView:
+        return next((v for v in self.views if (v.flip, v.scale) == PLAIN_VIEW), self.views[0])
+
     @property
     def mask_latents(self) -> torch.Tensor:
         """The first draw of the plain view: [B, 4, h, w]."""
-        return self.views[0].mask_latents[0]
+        return self._plain_view().mask_latents[0]
 
     @property
     def edge_latents(self) -> torch.Tensor:
-        return self.views[0].edge_latents[0]
+        return self._plain_view().edge_latents[0]
 
 
 @dataclass
 class DiffDISOutput(BaseOutput):
-    """``mask`` and ``edge``: [B, 1, H, W] float in [0, 1] at the input size (a list of [1, 1, H_i, W_i]
-    tensors when the inputs differ in size); ``edge`` is None when not decoded."""
+    """``mask`` and ``edge``: [B, 1, H, W] float in [0, 1] at the input size. When the inputs differ in
+    size, a list of [1, 1, H_i, W_i] tensors instead. ``edge`` is None when not decoded."""
 
     mask: torch.Tensor | list[torch.Tensor]
     edge: torch.Tensor | list[torch.Tensor] | None = None
 
 
 def to_image_batch(image: ImageInput) -> list[torch.Tensor]:
-    """Any supported image input -> a list of float [3, H, W] tensors in [0, 1] (CPU)."""
+    """Any supported image input -> a list of [3, H, W] tensors (CPU): uint8 where the input is 8-bit
+    (no full-size float copy of large photos), else float in [0, 1]."""
     if isinstance(image, Image.Image):
-        image = [image]
+        return [pil_to_rgb_tensor(image)]
     if isinstance(image, (list, tuple)):
-        out = []
-        for item in image:
-            if isinstance(item, Image.Image):
-                out.append(torch.from_numpy(np.asarray(item.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1))
-            else:
-                out.extend(to_image_batch(item))
-        return out
+        return [item for part in image for item in to_image_batch(part)]
     if isinstance(image, np.ndarray):
         array = image if image.ndim == 4 else image[None]
         if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
             raise DiffDISError(f"a numpy image must be HWC or BHWC with 1, 3 or 4 channels, got shape {image.shape}")
-        scale = 255.0 if array.dtype == np.uint8 else 65535.0 if array.dtype == np.uint16 else 1.0
-        tensor = torch.from_numpy(array.astype(np.float32) / scale).permute(0, 3, 1, 2)
+        if array.dtype == np.uint8:
+            array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
+            tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
+        else:
+            scale = 65535.0 if array.dtype == np.uint16 else 1.0
+            tensor = torch.from_numpy(array.astype(np.float32) / scale).permute(0, 3, 1, 2)
         return list(_to_rgb(tensor))
     if isinstance(image, torch.Tensor):
         tensor = image if image.ndim == 4 else image[None]
-        if tensor.ndim != 4 or tensor.shape[1] not in (1, 3, 4) or not tensor.is_floating_point():
-            raise DiffDISError(f"a tensor image must be float [B, 3, H, W] in [0, 1], got {tuple(image.shape)} "
-                               f"{image.dtype}")
-        return list(_to_rgb(tensor.float()))
+        if tensor.ndim != 4 or tensor.shape[1] not in (1, 3, 4) or not (
+                tensor.is_floating_point() or tensor.dtype == torch.uint8):
+            raise DiffDISError(f"a tensor image must be [B, 3, H, W], float in [0, 1] or uint8, got "
+                               f"{tuple(image.shape)} {image.dtype}")
+        return list(_to_rgb(tensor if tensor.dtype == torch.uint8 else tensor.float()))
     raise DiffDISError(f"unsupported image input {type(image).__name__}: give PIL images, a uint8 HWC array "
-                       "or a float [B, 3, H, W] tensor in [0, 1]")
+                       "or a [B, 3, H, W] tensor (float in [0, 1] or uint8)")
 
 
 def _to_rgb(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,10 +136,13 @@ def _to_rgb(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize; antialiased when shrinking (like PIL), a no-op at the same size."""
+    """Bilinear resize; antialiased when shrinking (like PIL), a no-op at the same size. uint8 stays
+    uint8 (PyTorch's CPU kernel resizes 8-bit images without a float copy)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    if x.dtype == torch.uint8 and x.device.type != "cpu":
+        x = x.float() / 255
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
@@ -139,22 +160,34 @@ def bde_labels(batch: int, device: torch.device, dtype: torch.dtype) -> torch.Te
     return torch.cat([labels.sin(), labels.cos()], dim=-1).repeat_interleave(batch, 0).to(dtype)
 
 
-class DiffDISPipeline:
+def view_side(processing_res: int, scale: float) -> int:
+    """A TTA view's side, as ttach scales it (``int(side * scale)``)."""
+    return int(processing_res * scale)
+
+
+class DiffDISPipeline(DiffusionPipeline):
     """One-step DiffDIS segmentation: ``pipe(image).mask``.
 
     Components: ``unet`` (DiffDISUNet), ``vae`` (AutoencoderKL), ``scheduler`` (for the noise
-    schedule) and ``empty_text_embed`` ([1, tokens, dim], the text encoder's output for the unpadded
+    schedule), and ``empty_text_embed`` ([1, tokens, dim], the text encoder's output for the unpadded
     empty prompt; the text encoder itself is not kept).
     """
 
+    model_cpu_offload_seq = "unet->vae"  # the VAE runs last (decode): offload the UNet before it
+
     def __init__(self, unet: DiffDISUNet, vae: AutoencoderKL, scheduler: DDPMScheduler,
-                 empty_text_embed: torch.Tensor):
-        self.unet = unet.eval()
-        self.vae = vae.eval()
-        self.scheduler = scheduler
-        self.empty_text_embed = empty_text_embed.to(unet.device, unet.dtype)
-        self.progress_bar: Callable[..., Any] | None = None
-        self._set_memory_format()
+                 empty_text_embed: torch.Tensor | None = None):
+        super().__init__()
+        if empty_text_embed is None or empty_text_embed.ndim != 3:
+            raise DiffDISError("DiffDISPipeline needs the empty-prompt embedding, a [1, tokens, dim] tensor")
+        self.register_modules(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler)
+        self.empty_text_embed = empty_text_embed.float()
+        # One step per image: a progress bar only where someone watches (a terminal), and not left behind.
+        self.set_progress_bar_config(disable=None, leave=False)
+        # Tiles as large as the 1024² the model was trained at: only larger sizes are decoded in tiles.
+        self.vae.tile_sample_min_size = VAE_TILE_SIZE
+        self.vae.tile_latent_min_size = VAE_TILE_SIZE // 8
+        self.set_channels_last(self.unet.device.type in ("cpu", "cuda"))
 
     # ------------------------------------------------------------------ placement
     @property
@@ -163,30 +196,54 @@ class DiffDISPipeline:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The UNet's dtype (the VAE may be float32 under a float16 UNet)."""
         return self.unet.dtype
 
     @property
     def vae_dtype(self) -> torch.dtype:
         return self.vae.dtype
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffDISPipeline:
-        """Move (and cast) the pipeline. In float16 the VAE stays float32 when its config asks to
-        (``force_upcast``: the SD VAE overflows in float16)."""
+    @property
+    def tta_views(self) -> list[tuple[bool, float]]:
+        """The test-time-augmentation views as (horizontal flip, scale), in the authors' (ttach) order."""
+        return list(TTA_VIEWS)
+
+    def to(self, *args: Any, **kwargs: Any) -> DiffDISPipeline:
+        """Move and/or cast, like ``DiffusionPipeline.to`` (``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``,
+        ``pipe.to("cuda", torch.float16)``). In float16 the VAE stays float32 when its config asks to
+        (``force_upcast``: the SD VAE overflows in float16); bfloat16 needs no upcast."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif arg is not None:
+                device = arg
         dtype = dtype or self.dtype
-        vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast") else dtype
-        # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules these models do not have.
+        # nn.Module.to: casting through DiffusionPipeline.to would round the VAE through float16.
         torch.nn.Module.to(self.unet, device=device, dtype=dtype)
-        torch.nn.Module.to(self.vae, device=device, dtype=vae_dtype)
-        self.empty_text_embed = self.empty_text_embed.to(device=device, dtype=dtype)
-        self._set_memory_format()
+        torch.nn.Module.to(self.vae, device=device,
+                           dtype=vae_dtype(dtype, bool(self.vae.config.get("force_upcast", True))))
+        if device is not None:
+            self.set_channels_last(torch.device(device).type in ("cpu", "cuda"))
         return self
 
-    def _set_memory_format(self) -> None:
-        # Channels-last convolutions are faster on CPU (oneDNN) and CUDA (tensor cores) with identical
-        # results, and spare the transformer blocks a layout copy; MPS support for them is patchy.
-        memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.contiguous_format
+    def set_channels_last(self, enabled: bool) -> None:
+        """Channels-last convolutions: faster on CPU (oneDNN) and CUDA (tensor cores) with the same
+        results; MPS support for them is patchy. ``to()`` chooses for the device; front ends that move
+        the modules themselves (ComfyUI) call this for their load device."""
+        memory_format = torch.channels_last if enabled else torch.contiguous_format
         torch.nn.Module.to(self.unet, memory_format=memory_format)
         torch.nn.Module.to(self.vae, memory_format=memory_format)
+
+    def compile(self, **compile_kwargs: Any) -> DiffDISPipeline:
+        """``torch.compile`` the UNet and the VAE (in place; the first call of each shape compiles)."""
+        self.unet.compile(**compile_kwargs)
+        self.vae.encoder.compile(**compile_kwargs)
+        self.vae.decoder.compile(**compile_kwargs)
+        return self
 
     @property
     def latent_scale(self) -> float:
@@ -194,18 +251,23 @@ class DiffDISPipeline:
 
     # ------------------------------------------------------------------ stages
     @torch.inference_mode()
-    def encode_condition(self, image: ImageInput, processing_res: int = 1024) -> DiffDISCondition:
-        """Resize each image to ``processing_res``² and VAE-encode it at full, 1/2, 1/4 and 1/8 size."""
-        if not isinstance(processing_res, int) or processing_res < 8 or processing_res % 8:
-            raise DiffDISError(f"processing_res must be a positive multiple of 8, got {processing_res!r}")
+    def encode_condition(self, image: ImageInput, processing_res: int = 1024,
+                         keep_image: bool = True) -> DiffDISCondition:
+        """Resize each image to ``processing_res``² and VAE-encode it at full, 1/2, 1/4 and 1/8 size.
+
+        ``keep_image=False`` drops the processing-size image from the condition (test-time
+        augmentation then cannot run on it).
+        """
+        check_processing_res(processing_res)
         images = to_image_batch(image)
         if not images:
             raise DiffDISError("no image given")
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
         square = (processing_res, processing_res)
-        rgb = torch.cat([resize(x[None], square) for x in images]).clamp(0, 1)
-        rgb = (rgb * 2 - 1).to(self.device, self.vae_dtype)
-        return DiffDISCondition(rgb, self.rgb_latents(rgb), sizes)
+        rgb = torch.cat([_to_unit_float(resize(x[None], square)) for x in images]).clamp(0, 1)
+        device = self._execution_device
+        rgb = (rgb * 2 - 1).to(device, self.vae_dtype)
+        return DiffDISCondition(rgb if keep_image else None, self.rgb_latents(rgb), sizes)
 
     def rgb_latents(self, rgb: torch.Tensor) -> list[torch.Tensor]:
         """The condition: VAE latents of ``rgb`` ([B, 3, R, R] in [-1, 1]) at full, 1/2, 1/4 and 1/8 side.
@@ -216,7 +278,7 @@ class DiffDISPipeline:
         latents = [self.encode_latent(rgb)]
         for factor in (2, 4, 8):
             # As the authors: plain bilinear (no antialias) to side // factor.
-            small = F.interpolate(rgb, size=(max(side // factor, 8),) * 2, mode="bilinear", align_corners=False)
+            small = F.interpolate(rgb, size=(side // factor,) * 2, mode="bilinear", align_corners=False)
             latents.append(self.encode_latent(small))
         return latents
 
@@ -226,90 +288,146 @@ class DiffDISPipeline:
         return (mean * self.latent_scale).to(self.dtype)
 
     @torch.inference_mode()
-    def segment(self, condition: DiffDISCondition, latents: torch.Tensor | None = None,
+    def segment(self, condition: DiffDISCondition, latents: NoiseInput | None = None,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                ensemble_size: int = 1, tta: bool = False) -> DiffDISLatents:
+                ensemble_size: int = 1, tta: bool = False,
+                callback: Callable[[], None] | None = None) -> DiffDISLatents:
         """One UNet step for mask and edge together (a batch of 2B), per view and noise draw.
 
-        ``latents``: the initial noise [B, 4, h, w] of the plain view's first draw (the same noise
-        seeds mask and edge); other draws come from ``generator``.
+        Views: the plain one, or with ``tta`` the six of ``tta_views``. ``latents``: the initial noise,
+        either one tensor (the first view's first draw; the rest come from ``generator``) or a list of
+        one [B, 4, h_v, w_v] tensor per view and draw (views in ``tta_views`` order, draws inner), which
+        replays a run exactly. The same noise seeds mask and edge. ``callback`` runs after each UNet call.
         """
-        if not isinstance(ensemble_size, int) or ensemble_size < 1:
+        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise DiffDISError(f"ensemble_size must be a positive integer, got {ensemble_size!r}")
-        condition = condition.to(self.device)  # a no-op unless a front end kept it elsewhere
-        views = []
-        for flip, scale in (TTA_VIEWS if tta else TTA_VIEWS[:1]):
-            rgb_latents = condition.rgb_latents if (flip, scale) == (False, 1.0) else \
-                self.rgb_latents(self._augment(condition.image, flip, scale))
-            masks, edges = [], []
-            for draw in range(ensemble_size):
-                shape = tuple(rgb_latents[0].shape)
-                if latents is not None and not views and draw == 0:
-                    if tuple(latents.shape) != shape:
-                        raise DiffDISError(f"latents must have shape {list(shape)} for this input, "
-                                           f"got {list(latents.shape)}")
-                    noise = latents.to(self.device, self.dtype)
+        processing_res = condition.processing_res
+        check_processing_res(processing_res, tta=tta)
+        if tta and condition.image is None:
+            raise DiffDISError("test-time augmentation needs the condition's image: encode it with keep_image=True")
+        views = self.tta_views if tta else [PLAIN_VIEW]
+        noises = self._check_noises(latents, views, ensemble_size, processing_res, len(condition.sizes))
+        device = self._execution_device
+        condition = condition.to(device)  # a no-op unless a front end kept it elsewhere
+        results = []
+        with self.progress_bar(total=len(views) * ensemble_size) as progress:
+            for flip, scale in views:
+                if (flip, scale) == PLAIN_VIEW:
+                    rgb_latents = condition.rgb_latents
                 else:
-                    noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-                mask, edge = self.one_step(rgb_latents, noise)
-                masks.append(mask)
-                edges.append(edge)
-                if self.progress_bar is not None:
-                    self.progress_bar()
-            views.append(SegmentationView(torch.stack(masks), torch.stack(edges), flip, scale))
-        return DiffDISLatents(views, list(condition.sizes), int(condition.image.shape[-1]))
+                    rgb_latents = self.rgb_latents(self._augment(condition.image, flip, scale))
+                shape = tuple(rgb_latents[0].shape)
+                masks, edges = [], []
+                for _ in range(ensemble_size):
+                    noise = noises.pop(0) if noises else None
+                    if noise is None:
+                        noise = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
+                    mask, edge = self.one_step(rgb_latents, noise.to(device, self.dtype))
+                    masks.append(mask)
+                    edges.append(edge)
+                    progress.update()
+                    if callback is not None:
+                        callback()
+                results.append(SegmentationView(torch.stack(masks), torch.stack(edges), flip, scale))
+        return DiffDISLatents(results, list(condition.sizes), processing_res)
+
+    def _check_noises(self, latents: NoiseInput | None, views: list[tuple[bool, float]], ensemble_size: int,
+                      processing_res: int, batch: int) -> list[torch.Tensor | None]:
+        """The given initial noises per (view, draw) in run order, checked against their shapes."""
+        if latents is None:
+            return []
+        given = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+        expected = [(batch, 4, view_side(processing_res, scale) // 8, view_side(processing_res, scale) // 8)
+                    for _, scale in views for _ in range(ensemble_size)]
+        if not isinstance(latents, torch.Tensor) and len(given) != len(expected):
+            raise DiffDISError(f"latents: give one noise per view and draw ({len(views)} view(s) x {ensemble_size} "
+                               f"draw(s) = {len(expected)}), got {len(given)}")
+        for index, (noise, shape) in enumerate(zip(given, expected)):
+            if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
+                got = list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+                raise DiffDISError(f"latents[{index}] must have shape {list(shape)} for this input, got {got}")
+        return given
 
     @staticmethod
     def _augment(image: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:
+        """A TTA view of the [-1, 1] image, as ttach makes it: flip, then plain bilinear to the view's side."""
         if flip:
             image = image.flip(-1)
         if scale != 1.0:
-            image = F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+            side = view_side(image.shape[-1], scale)
+            image = F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False)
         return image
 
     def one_step(self, rgb_latents: Sequence[torch.Tensor], noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_T (= noise) -> x̂0 for the mask and edge streams, from one UNet call at t = T - 1."""
         batch = noise.shape[0]
+        device = noise.device
         t = self.scheduler.config.num_train_timesteps - 1
         noisy = noise.repeat(2, 1, 1, 1)
         eps = self.unet(
             torch.cat([rgb_latents[0].repeat(2, 1, 1, 1), noisy], dim=1),
-            torch.full((2 * batch,), t, device=self.device, dtype=torch.long),
-            encoder_hidden_states=self.empty_text_embed.expand(2 * batch, -1, -1),
-            class_labels=bde_labels(batch, self.device, self.dtype),
+            torch.full((2 * batch,), t, device=device, dtype=torch.long),
+            encoder_hidden_states=self.empty_text_embed.to(device, self.dtype).expand(2 * batch, -1, -1),
+            class_labels=bde_labels(batch, device, self.dtype),
             rgb_token=[r.repeat(2, 1, 1, 1) for r in rgb_latents],
         ).sample
-        alpha = self.scheduler.alphas_cumprod[t].to(self.device, torch.float32)
+        alpha = self.scheduler.alphas_cumprod[t].to(device, torch.float32)
         x0 = (noisy.float() - (1 - alpha).sqrt() * eps.float()) / alpha.sqrt()
+        if not torch.isfinite(x0).all():
+            raise DiffDISError(NON_FINITE_HELP)
         return x0[:batch].to(self.dtype), x0[batch:].to(self.dtype)
 
     @torch.inference_mode()
-    def decode_maps(self, latents: torch.Tensor) -> torch.Tensor:
-        """x̂0 latents [N, 4, h, w] -> maps [N, 1, 8h, 8w] in [0, 1] (channel mean, clipped)."""
-        z = self.vae.post_quant_conv(latents.to(self.device, self.vae_dtype) / self.latent_scale)
-        decoded = self.vae.decoder(z).float().mean(dim=1, keepdim=True)
-        return (decoded.clamp(-1, 1) + 1) / 2
+    def decode_maps(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """x̂0 latents [N, 4, h, w] -> maps [N, 1, 8h, 8w] in [0, 1] (channel mean, clipped), decoding at
+        most ``batch_size`` latents at once (all by default); above 1024² in tiles."""
+        device = self._execution_device
+        user_tiling = self.vae.use_tiling
+        self.vae.use_tiling = user_tiling or max(latents.shape[-2:]) > self.vae.tile_latent_min_size
+        maps = []
+        try:
+            for chunk in latents.split(batch_size or latents.shape[0]):
+                decoded = self.vae.decode(chunk.to(device, self.vae_dtype) / self.latent_scale).sample
+                maps.append((decoded.float().mean(dim=1, keepdim=True).clamp(-1, 1) + 1) / 2)
+        finally:
+            self.vae.use_tiling = user_tiling
+        maps = torch.cat(maps)
+        if not torch.isfinite(maps).all():
+            raise DiffDISError(NON_FINITE_HELP)
+        return maps
 
     @torch.inference_mode()
     def decode(self, latents: DiffDISLatents, decode_edge: bool = True, minmax: bool = True,
-               output_size: bool = True) -> DiffDISOutput:
-        """Decode each view, average its draws, min-max it (``minmax``), undo the view's flip and
-        scale, average the views, and resize to each input's size (``output_size``)."""
+               output_size: bool = True, ensemble: str = "median", batch_size: int | None = None) -> DiffDISOutput:
+        """Maps from latents, as the authors make them: per view, combine the draws (``ensemble``:
+        ``median`` = their scale-and-shift-aligned median, or ``mean``), min-max (``minmax``), undo the
+        view's flip and scale (plain bilinear), average the views; then resize to each input's size
+        (``output_size``, else the maps stay at the processing size).
+
+        ``batch_size``: latents decoded at once (default: one draw of one view, that is the batch's
+        mask and edge), so ensembling and TTA need no more memory than one plain run.
+        """
+        if ensemble not in ENSEMBLE_METHODS:
+            raise DiffDISError(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {ensemble!r}")
         square = (latents.processing_res, latents.processing_res)
-        mask_sum = edge_sum = None
+        kinds = ["mask", "edge"] if decode_edge else ["mask"]
+        sums: dict[str, torch.Tensor] = {}
         for view in latents.views:
             draws, batch = view.mask_latents.shape[:2]
-            parts = [view.mask_latents.flatten(0, 1)] + ([view.edge_latents.flatten(0, 1)] if decode_edge else [])
-            maps = self.decode_maps(torch.cat(parts))
-            maps = maps.view(len(parts), draws, batch, *maps.shape[1:]).mean(dim=1)  # [parts, B, 1, h, w]
-            maps = [minmax_normalize(m) if minmax else m for m in maps]
-            maps = [resize(m.flip(-1) if view.flip else m, square) for m in maps]
-            mask_sum = maps[0] if mask_sum is None else mask_sum + maps[0]
-            if decode_edge:
-                edge_sum = maps[1] if edge_sum is None else edge_sum + maps[1]
+            per_draw = torch.stack([getattr(view, f"{kind}_latents") for kind in kinds], dim=1)  # [D, K, B, 4, h, w]
+            maps = self.decode_maps(per_draw.flatten(0, 2), batch_size or len(kinds) * batch)
+            maps = maps.view(draws, len(kinds), batch, *maps.shape[1:])
+            for index, kind in enumerate(kinds):
+                combined = torch.stack([ensemble_maps(maps[:, index, b], ensemble) for b in range(batch)])
+                combined = minmax_normalize(combined) if minmax else combined
+                if view.flip:
+                    combined = combined.flip(-1)
+                if tuple(combined.shape[-2:]) != square:
+                    combined = F.interpolate(combined, size=square, mode="bilinear", align_corners=False)
+                sums[kind] = combined if kind not in sums else sums[kind] + combined
         count = len(latents.views)
-        mask = self._to_input_sizes(mask_sum / count, latents.sizes, output_size)
-        edge = self._to_input_sizes(edge_sum / count, latents.sizes, output_size) if decode_edge else None
+        mask = self._to_input_sizes(sums["mask"] / count, latents.sizes, output_size)
+        edge = self._to_input_sizes(sums["edge"] / count, latents.sizes, output_size) if decode_edge else None
         return DiffDISOutput(mask=mask, edge=edge)
 
     @staticmethod
@@ -321,14 +439,29 @@ class DiffDISPipeline:
         return [resize(m[None], size).clamp(0, 1) for m, size in zip(maps, sizes, strict=True)]
 
     @torch.inference_mode()
-    def __call__(self, image: ImageInput, processing_res: int = 1024, latents: torch.Tensor | None = None,
+    def __call__(self, image: ImageInput, processing_res: int = 1024, latents: NoiseInput | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None, ensemble_size: int = 1,
-                 tta: bool = False, decode_edge: bool = True, minmax: bool = True) -> DiffDISOutput:
-        """Segment ``image``: PIL image(s), a uint8 HWC array, or a float [B, 3, H, W] tensor in [0, 1]."""
-        condition = self.encode_condition(image, processing_res)
-        segmented = self.segment(condition, latents=latents, generator=generator,
-                                 ensemble_size=ensemble_size, tta=tta)
-        return self.decode(segmented, decode_edge=decode_edge, minmax=minmax)
+                 ensemble: str = "median", tta: bool = False, decode_edge: bool = True, minmax: bool = True,
+                 output_size: bool = True, callback: Callable[[], None] | None = None) -> DiffDISOutput:
+        """Segment ``image``: PIL image(s), a uint8 HWC array, or a [B, 3, H, W] tensor (float in [0, 1]
+        or uint8).
+
+        ``processing_res``: the square size the model sees (a multiple of 64; with ``tta`` of 256).
+        ``ensemble_size`` noise draws per view are combined by ``ensemble`` (``median``: the authors'
+        aligned median; ``mean``). ``tta``: the authors' six flip x scale views. ``latents``: see
+        ``segment``. ``minmax``: the authors' per-map min-max normalisation. ``output_size=False``
+        keeps the maps at the processing size.
+        """
+        check_processing_res(processing_res, tta=tta)
+        if ensemble not in ENSEMBLE_METHODS:
+            raise DiffDISError(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {ensemble!r}")
+        condition = self.encode_condition(image, processing_res, keep_image=tta)
+        segmented = self.segment(condition, latents=latents, generator=generator, ensemble_size=ensemble_size,
+                                 tta=tta, callback=callback)
+        output = self.decode(segmented, decode_edge=decode_edge, minmax=minmax, output_size=output_size,
+                             ensemble=ensemble)
+        self.maybe_free_model_hooks()
+        return output
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -336,24 +469,30 @@ class DiffDISPipeline:
         cls,
         model: str | os.PathLike = DEFAULT_MODEL,
         base: str | os.PathLike | None = DEFAULT_BASE,
-        torch_dtype: torch.dtype = torch.float32,
+        torch_dtype: torch.dtype | str = torch.float32,
         device: str | torch.device | None = None,
         local_dir: str | os.PathLike | None = None,
         cache_embedding: bool = True,
+        compile: bool = False,
         **hub_kwargs: Any,
     ) -> DiffDISPipeline:
         """Load a DiffDIS model in any of the forms users have.
 
         ``model``: a model folder (unet/, vae/, scheduler/, empty_text_embed.safetensors or
-        text_encoder/ + tokenizer/), the authors' Google-Drive ``unet/`` folder, a single UNet
-        ``.safetensors`` file (also the fp16 repack with its embedding), or a Hugging Face repo id.
-        ``base``: an SD-Turbo folder or repo id for whatever ``model`` lacks (VAE, scheduler, text
-        encoder); it is only read or downloaded when needed. ``local_dir``: download here instead of
-        the Hugging Face cache. ``hub_kwargs``: ``cache_dir``, ``local_files_only``, ``revision``, ``token``.
+        text_encoder/ + tokenizer/; also what ``save_pretrained`` writes), the authors' Google-Drive
+        ``unet/`` folder, a single UNet ``.safetensors`` file (also the fp16 repack with its embedding),
+        or a Hugging Face repo id. ``base``: an SD-Turbo folder or repo id for whatever ``model`` lacks
+        (VAE, scheduler, text encoder); it is only read or downloaded when needed. ``torch_dtype``: a
+        dtype, or ``"auto"``: the fastest precision that is safe on ``device`` (see
+        ``diffdis_core.devices.auto_dtype``). ``local_dir``: download here instead of the Hugging Face
+        cache. ``compile``: ``torch.compile`` the UNet and VAE. ``hub_kwargs``: ``cache_dir``,
+        ``local_files_only``, ``revision``, ``token``.
         """
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = pick_dtype(torch_dtype, target)
         sources = ModelSources.resolve(model, base, local_dir=local_dir, **hub_kwargs)
         unet_state, repack_embed = read_unet_state_dict(sources.unet_weights)
-        unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), torch_dtype, device,
+        unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), dtype, device,
                                            source=str(sources.unet_weights))
         del unet_state
         vae_dir = sources.component("vae")
@@ -367,18 +506,21 @@ class DiffDISPipeline:
         scheduler = DDPMScheduler.from_config(
             DDPMScheduler.load_config(scheduler_dir) if scheduler_dir is not None else SD_TURBO_SCHEDULER_CONFIG)
         embed = repack_embed if repack_embed is not None else sources.empty_embedding(cache_embedding)
-        pipe = cls(unet, vae, scheduler, embed)
-        return pipe.to(device, torch_dtype)
+        pipe = cls(unet, vae, scheduler, embed).to(device, dtype)
+        return pipe.compile() if compile else pipe
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write a complete model folder (unet/, vae/, scheduler/, empty_text_embed.safetensors)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(directory / "unet")
-        self.vae.save_pretrained(directory / "vae")
-        self.scheduler.save_pretrained(directory / "scheduler")
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:  # type: ignore[override]
+        """Write a complete model folder: model_index.json, unet/, vae/, scheduler/ and
+        empty_text_embed.safetensors (so the text encoder is never needed to load it)."""
+        directory = Path(save_directory)
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(directory, **kwargs)
         save_empty_embedding(self.empty_text_embed, directory / EMPTY_EMBED_FILE)
         return directory
+
+
+def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255 if x.dtype == torch.uint8 else x
 
 
 __all__ = [

@@ -118,11 +118,8 @@ class DiffDISOneStepSegment:
                 progress.update(stop - start)
                 services.check_interrupted()
 
-            pipe.progress_bar = after_unet_call
-            try:
-                latents = pipe.segment(part, generator=generators, ensemble_size=ensemble, tta=tta)
-            finally:
-                pipe.progress_bar = None
+            latents = pipe.segment(part, generator=generators, ensemble_size=ensemble, tta=tta,
+                                   callback=after_unet_call)
             return batching.slice_latents(latents, 0, stop - start, keep_on)
 
         parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), segment_chunk)

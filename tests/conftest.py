@@ -7,12 +7,19 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_TINY = FIXTURES / "official_tiny"
+OFFICIAL_TINY_MODES = FIXTURES / "official_tiny_modes"
 
 
 @pytest.fixture(scope="session")
 def official_tiny() -> Path:
     """The read-only fixture folder (a complete tiny DiffDIS model, processing resolution 64)."""
     return OFFICIAL_TINY
+
+
+@pytest.fixture(scope="session")
+def official_tiny_modes() -> Path:
+    """The authors' TTA and ensembling outputs on the tiny model (processing resolution 256)."""
+    return OFFICIAL_TINY_MODES
 
 
 @pytest.fixture

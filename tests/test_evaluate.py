@@ -40,8 +40,7 @@ def test_model_scores_and_saved_maps_rescore_the_same(official_tiny, tiny_pipeli
     image_path = sorted((dis5k / "DIS-VD" / "im").iterdir())[0]
     saved = Image.open(preds / "DIS-VD" / f"{image_path.stem}.png")
     assert saved.mode.startswith("I;16") and saved.size == Image.open(image_path).size
-    rgb = torch.from_numpy(np.asarray(load_rgb(image_path), np.float32) / 255).permute(2, 0, 1)[None]
-    expected = tiny_pipeline(rgb, processing_res=64, generator=torch.Generator().manual_seed(7),
+    expected = tiny_pipeline(load_rgb(image_path), processing_res=64, generator=torch.Generator().manual_seed(7),
                              decode_edge=False).mask[0, 0].numpy()
     assert np.abs(np.asarray(saved, np.float64) / 65535 - expected).max() < 1e-4
 
@@ -55,7 +54,7 @@ def test_model_scores_and_saved_maps_rescore_the_same(official_tiny, tiny_pipeli
 def test_tta_soft_maps_8_bit_and_a_plain_folder(official_tiny, dis5k, tmp_path, capsys):
     folder = dis5k / "DIS-VD"
     preds = tmp_path / "preds"
-    assert evaluate("--model", official_tiny, "--base", "none", "--dataset", folder, "--resolution", 64,
+    assert evaluate("--model", official_tiny, "--base", "none", "--dataset", folder, "--resolution", 256,
                     "--max-images", 2, "--soft", "--no-hce", "--pred-bits", 8, "--save-pred", preds,
                     "--json", tmp_path / "s.json") == 0
     assert "mean Eφ" in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """DiffDISPipeline behaviour users rely on: inputs, sizes, batches, seeds, dtypes, options."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,11 +59,14 @@ def test_one_unet_call_of_2b_per_batch(tiny_pipeline, monkeypatch):
 def test_input_forms_agree(tiny_pipeline):
     image = random_image(24, 40)
     array = np.asarray(image)
-    tensor = torch.tensor(array).permute(2, 0, 1)[None].float() / 255
+    uint8 = torch.tensor(array).permute(2, 0, 1)[None]
     noise = torch.randn(1, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
-    results = [tiny_pipeline(x, processing_res=RES, latents=noise).mask for x in (image, [image], array, tensor)]
-    for other in results[1:]:
-        assert torch.allclose(results[0], other, atol=1e-6)
+    results = [tiny_pipeline(x, processing_res=RES, latents=noise).mask for x in (image, [image], array, uint8)]
+    for other in results[1:]:  # 8-bit inputs are resized in 8 bits, whatever their container
+        assert torch.equal(results[0], other)
+    # A float image is resized in float: the same up to the 8-bit rounding of the resized input.
+    as_float = tiny_pipeline(uint8.float() / 255, processing_res=RES, latents=noise).mask
+    assert (as_float - results[0]).abs().max() <= 1e-2 * results[0].abs().max()
 
 
 def test_mixed_sizes_give_one_map_per_image(tiny_pipeline):
@@ -74,9 +79,9 @@ def test_mask_only_skips_the_edge_decode(tiny_pipeline, monkeypatch):
     decoded = []
     original = tiny_pipeline.decode_maps
 
-    def spy(latents):
+    def spy(latents, batch_size=None):
         decoded.append(latents.shape[0])
-        return original(latents)
+        return original(latents, batch_size)
 
     monkeypatch.setattr(tiny_pipeline, "decode_maps", spy)
     out = tiny_pipeline(random_image(32, 32), processing_res=RES, decode_edge=False)
@@ -103,27 +108,67 @@ def test_tta_runs_six_views_and_averages(tiny_pipeline, monkeypatch):
 
     monkeypatch.setattr(tiny_pipeline.unet, "forward", spy)
     image = random_image(30, 44)
-    out = tiny_pipeline(image, processing_res=RES, tta=True, generator=torch.Generator().manual_seed(0))
-    assert sorted(calls) == sorted([(8, 8), (8, 8), (6, 6), (6, 6), (10, 10), (10, 10)])
+    out = tiny_pipeline(image, processing_res=256, tta=True, generator=torch.Generator().manual_seed(0))
+    assert calls == [(24, 24), (32, 32), (40, 40)] * 2  # flip outer, scale inner, as the authors
     assert out.mask.shape == (1, 1, 30, 44)
-    plain = tiny_pipeline(image, processing_res=RES, generator=torch.Generator().manual_seed(0)).mask
+    plain = tiny_pipeline(image, processing_res=256, generator=torch.Generator().manual_seed(0)).mask
     assert (out.mask - plain).abs().max() > 1e-3
 
 
-def test_ensemble_averages_draws(tiny_pipeline):
+def test_ensemble_mean_averages_draws(tiny_pipeline):
     image = random_image(32, 32)
     latents = tiny_pipeline.segment(tiny_pipeline.encode_condition(image, RES), ensemble_size=3,
                                     generator=torch.Generator().manual_seed(0))
     assert latents.views[0].mask_latents.shape == (3, 1, 4, 8, 8)
-    raw = tiny_pipeline.decode(latents, minmax=False, output_size=False).mask
+    raw = tiny_pipeline.decode(latents, minmax=False, output_size=False, ensemble="mean").mask
     per_draw = torch.stack([tiny_pipeline.decode_maps(latents.views[0].mask_latents[d]) for d in range(3)])
     assert torch.allclose(raw, per_draw.mean(0), atol=1e-5)
+    median = tiny_pipeline.decode(latents, output_size=False).mask  # the default: the authors' aligned median
+    assert (median - minmax(per_draw.mean(0))).abs().max() > 1e-3
+
+
+def minmax(x):
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def test_decode_never_puts_more_than_one_draw_of_one_view_through_the_vae(tiny_pipeline, monkeypatch):
+    batches = []
+    original = tiny_pipeline.vae.decoder.forward
+
+    def spy(z, *args, **kwargs):
+        batches.append(z.shape[0])
+        return original(z, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipeline.vae.decoder, "forward", spy)
+    images = [random_image(16, 16, seed=s) for s in range(2)]
+    tiny_pipeline(images, processing_res=256, tta=True, ensemble_size=2, ensemble="mean",
+                  generator=torch.Generator().manual_seed(0))
+    assert batches == [4] * 12  # 6 views x 2 draws, each time mask + edge of the 2 images
+    batches.clear()
+    latents = tiny_pipeline.segment(tiny_pipeline.encode_condition(images, RES), ensemble_size=3,
+                                    generator=torch.Generator().manual_seed(0))
+    tiny_pipeline.decode(latents, decode_edge=False, ensemble="mean", batch_size=1)
+    assert batches == [1] * 6
+
+
+def test_tiled_decode_matches_the_whole_decode_away_from_nothing_but_tile_blending(tiny_pipeline, monkeypatch):
+    latents = tiny_pipeline.segment(tiny_pipeline.encode_condition(random_image(64, 64), 512),
+                                    generator=torch.Generator().manual_seed(0)).mask_latents
+    whole = tiny_pipeline.decode_maps(latents)
+    # Tiles of 256 px instead of 1024 px, so a 512² map is decoded in tiles.
+    monkeypatch.setattr(tiny_pipeline.vae, "tile_sample_min_size", 256)
+    monkeypatch.setattr(tiny_pipeline.vae, "tile_latent_min_size", 32)
+    tiled = tiny_pipeline.decode_maps(latents)
+    assert tiny_pipeline.vae.use_tiling is False  # switched on for the call only
+    difference = (tiled - whole).abs()
+    # The VAE's mid-block attention sees the whole map, so tiles differ a little everywhere.
+    assert difference.mean() <= 0.01 and difference.max() <= 0.1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_close_to_float32(official_tiny, dtype):
     pipe = DiffDISPipeline.from_pretrained(official_tiny, base=None, torch_dtype=dtype)
-    assert pipe.unet.dtype == dtype and pipe.empty_text_embed.dtype == dtype
+    assert pipe.unet.dtype == dtype and pipe.dtype == dtype
     # float16 keeps the VAE in float32 (force_upcast), bfloat16 does not need to.
     assert pipe.vae.dtype == (torch.float32 if dtype == torch.float16 else dtype)
     reference = DiffDISPipeline.from_pretrained(official_tiny, base=None)
@@ -134,25 +179,83 @@ def test_half_precision_close_to_float32(official_tiny, dtype):
     assert (half - full).abs().mean() < 0.05
 
 
-@pytest.mark.parametrize("res", [0, 60, 63, "64"])
-def test_bad_processing_res_is_a_clear_error(tiny_pipeline, res):
-    with pytest.raises(DiffDISError, match="multiple of 8"):
-        tiny_pipeline(random_image(8, 8), processing_res=res)
+@pytest.mark.parametrize("res, tta, message", [
+    (0, False, "got 0: use 64$"),
+    (60, False, "got 60: use 64$"),
+    (72, False, "multiple of 64 from 64 to 4096, got 72: use 64 or 128$"),
+    (1000, False, "got 1000: use 960 or 1024$"),
+    ("64", False, "whole number"),
+    (True, False, "whole number"),
+    (320, True, "multiple of 256 .* with TTA .*got 320: use 256 or 512$"),
+    (5000, False, "got 5000: use 4096$"),
+])
+def test_bad_processing_res_is_a_clear_error_naming_the_nearest_valid_sizes(tiny_pipeline, res, tta, message):
+    with pytest.raises(DiffDISError, match=message):
+        tiny_pipeline(random_image(8, 8), processing_res=res, tta=tta)
 
 
 def test_wrong_latents_shape_is_a_clear_error(tiny_pipeline):
-    with pytest.raises(DiffDISError, match=r"latents must have shape \[1, 4, 8, 8\]"):
+    with pytest.raises(DiffDISError, match=r"latents\[0\] must have shape \[1, 4, 8, 8\]"):
         tiny_pipeline(random_image(8, 8), processing_res=RES, latents=torch.randn(1, 4, 16, 16))
 
 
-def test_non_multiple_of_64_resolution_still_works(tiny_pipeline):
-    out = tiny_pipeline(random_image(33, 21), processing_res=72)
-    assert out.mask.shape == (1, 1, 33, 21) and torch.isfinite(out.mask).all()
+def test_sixteen_bit_images_keep_their_content(tiny_pipeline):
+    gray = (np.random.default_rng(0).random((40, 40)) * 65535).astype(np.uint16)
+    sixteen = Image.frombytes("I;16", (40, 40), gray.tobytes())
+    eight = Image.fromarray((gray // 257).astype(np.uint8), mode="L")
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    from_16 = tiny_pipeline(sixteen, processing_res=RES, latents=noise, minmax=False).mask
+    from_8 = tiny_pipeline(eight, processing_res=RES, latents=noise, minmax=False).mask
+    assert (from_16 - from_8).abs().max() <= 0.02  # the same picture, not a white one
+    white = tiny_pipeline(Image.new("L", (40, 40), 255), processing_res=RES, latents=noise, minmax=False).mask
+    assert (from_16 - white).abs().mean() > 5 * (from_16 - from_8).abs().mean()
+
+
+def test_tta_needs_the_conditions_image(tiny_pipeline):
+    condition = tiny_pipeline.encode_condition(random_image(16, 16), 256, keep_image=False)
+    assert condition.image is None
+    with pytest.raises(DiffDISError, match="keep_image=True"):
+        tiny_pipeline.segment(condition, tta=True)
+
+
+def test_non_finite_outputs_are_an_error_not_an_empty_cutout(official_tiny):
+    pipe = DiffDISPipeline.from_pretrained(official_tiny, base=None)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.fill_(float("nan"))
+    with pytest.raises(DiffDISError, match="NaN or infinite.*damaged"):
+        pipe(random_image(16, 16), processing_res=RES)
+
+
+def test_a_diffusers_pipeline(tiny_pipeline, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    assert isinstance(tiny_pipeline, DiffusionPipeline)
+    assert set(tiny_pipeline.components) == {"unet", "vae", "scheduler"}
+    tiny_pipeline.set_progress_bar_config(disable=True)
+    pipe = DiffDISPipeline(**tiny_pipeline.components, empty_text_embed=tiny_pipeline.empty_text_embed)
+    assert pipe.to(torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16 and pipe.vae_dtype == torch.bfloat16
+    pipe.to(torch.float16)
+    assert pipe.dtype == torch.float16 and pipe.vae_dtype == torch.float32  # force_upcast: no fp16 VAE
+    pipe.to("cpu", torch.float32)
+    assert pipe.device.type == "cpu" and pipe.dtype == torch.float32
+
+
+def test_compile_option_wraps_the_modules(official_tiny):
+    pipe = DiffDISPipeline.from_pretrained(official_tiny, base=None).compile(backend="eager")
+    out = pipe(random_image(16, 16), processing_res=RES, generator=torch.Generator().manual_seed(0))
+    reference = DiffDISPipeline.from_pretrained(official_tiny, base=None)(
+        random_image(16, 16), processing_res=RES, generator=torch.Generator().manual_seed(0))
+    assert pipe.unet._compiled_call_impl is not None
+    assert torch.allclose(out.mask, reference.mask, atol=1e-5)
 
 
 def test_save_pretrained_gives_a_loadable_complete_folder(tmp_path, tiny_pipeline):
     folder = tiny_pipeline.save_pretrained(tmp_path / "copy")
     assert (folder / "empty_text_embed.safetensors").is_file()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "DiffDISPipeline"
+    assert index["unet"] == ["diffdis_core.unet", "DiffDISUNet"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     again = DiffDISPipeline.from_pretrained(folder, base=None)
     image, noise = random_image(16, 16), torch.randn(1, 4, 8, 8)
     assert torch.allclose(again(image, processing_res=RES, latents=noise).mask,
