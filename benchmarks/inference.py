@@ -1,14 +1,21 @@
-"""Inference speed and peak memory of the full-size DiffDIS architecture (random weights).
+"""Inference speed and peak memory of the full-size DiffDIS architecture (random weights), side by side
+with the authors' sequence, in one run.
 
-Times one image end to end (encode at 4 scales, one UNet step of batch 2, decode) at each resolution
-and precision, mask only and mask + edge, and the authors' pipeline for comparison: their sequence of
-operations (always decoding mask and edge in one batch of 2, `DDPMScheduler.step`) with their text
-encoder kept in memory. Each configuration runs in a fresh process so peak memory is its own.
-On CPU our runs use the command line's allocator setting (`keep_freed_memory`); `--default-allocator`
-measures them as a Python program or ComfyUI runs them.
+The authors' sequence is their `single_infer` + `decode` expressed with the same modules: float32 (their
+only working precision: `--half_precision` is never applied), PyTorch's default memory layout, mask and
+edge always decoded together, `DDPMScheduler.step`, their text encoder kept in memory. Ours is
+`DiffDISPipeline.__call__` (what the command line and the ComfyUI nodes run), at `auto` and at each
+precision, mask only and mask + edge.
 
-    python benchmarks/inference.py                      # 512/768/1024 x fp32/bf16/fp16 on the best device
-    python benchmarks/inference.py --resolutions 512 --dtypes fp32 --device cpu
+Each configuration lives in its own worker process (so its peak memory is its own); the authors' worker
+stays up, and each of our workers is timed in pairs with it, alternately (A, B, A, B, ...), so drift of
+the machine hits both alike. Reported: median seconds per image, ratio of the medians, peak memory (RSS on
+CPU, allocated VRAM on CUDA) over the timed runs. Then a memory table at larger sizes (one run each) and
+how far `auto`'s mask is from float32's.
+
+    python benchmarks/inference.py                                   # this machine's best device
+    python benchmarks/inference.py --device cuda --resolutions 1024 --dtypes auto bf16 fp16 --compile
+    python benchmarks/inference.py --resolutions 512 --dtypes auto fp32 --repeats 3 --memory-resolutions
 """
 
 from __future__ import annotations
@@ -16,14 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-MODES = ("mask", "mask+edge", "authors")
 
 # stabilityai/sd-turbo vae/config.json (the SD 2.1 VAE)
 SD_VAE_CONFIG = {
@@ -38,6 +45,7 @@ SD_TEXT_ENCODER_CONFIG = {
 }
 
 
+# ------------------------------------------------------------------------------------------ in a worker
 def build_pipeline(device, dtype):
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -52,12 +60,13 @@ def build_pipeline(device, dtype):
             conv.weight.normal_(0, 1e-3)
     vae = AutoencoderKL.from_config(SD_VAE_CONFIG)
     scheduler = DDPMScheduler.from_config(SD_TURBO_SCHEDULER_CONFIG)
-    embed = torch.randn(1, 2, 1024)
-    return DiffDISPipeline(unet, vae, scheduler, embed).to(device, dtype)
+    pipe = DiffDISPipeline(unet, vae, scheduler, torch.randn(1, 2, 1024)).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
-def authors_inference(pipe, rgb, text_encoder):
-    """The authors' single_infer + decode, expressed with the same modules (text encoder resident)."""
+def authors_inference(pipe, rgb):
+    """The authors' single_infer + decode with the same modules: their operations, in their order."""
     import torch
     import torch.nn.functional as F
 
@@ -76,25 +85,34 @@ def authors_inference(pipe, rgb, text_encoder):
     t = scheduler.timesteps[0]
     labels = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=pipe.device, dtype=pipe.dtype)
     bde = torch.cat([labels.sin(), labels.cos()], dim=-1)
-    eps = pipe.unet(torch.cat([tokens[0], noise], 1), t.repeat(2), encoder_hidden_states=pipe.empty_text_embed.repeat(
-        2, 1, 1), class_labels=bde, rgb_token=tokens).sample
+    eps = pipe.unet(torch.cat([tokens[0], noise], 1), t.repeat(2), encoder_hidden_states=pipe.empty_text_embed.to(
+        pipe.device, pipe.dtype).repeat(2, 1, 1), class_labels=bde, rgb_token=tokens).sample
     x0 = scheduler.step(eps, t, noise).prev_sample
     stacked = pipe.vae.decoder(pipe.vae.post_quant_conv((x0 / 0.18215).to(pipe.vae_dtype)))
     mask, edge = stacked.chunk(2, dim=0)
-    return mask.mean(1, keepdim=True), edge.mean(1, keepdim=True), text_encoder
+    mask, edge = mask.mean(1, keepdim=True), edge.mean(1, keepdim=True)
+    return [(m.clamp(-1, 1) + 1) / 2 for m in (mask, edge)]
 
 
-def reset_peak_rss() -> None:
-    """Forget the process's peak resident memory so far (Linux), so that building the model (in
-    float32, then cast) does not count: the peak is then weights + inference."""
+def reset_peak(device) -> None:
+    """Forget the peak memory so far, so that building the model (float32, then cast) does not count."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+            f.write("5")  # Linux: reset VmHWM
     except OSError:
         pass
 
 
-def peak_rss_gib() -> float:
+def peak_gib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -105,92 +123,225 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # lifetime peak (no reset possible)
 
 
-def measure(resolution: int, dtype_name: str, mode: str, device_name: str, repeats: int,
-            default_allocator: bool) -> dict:
+def worker(config: dict) -> None:
+    """Build one configuration, then answer 'run' (one timed inference) until 'quit'."""
     import torch
 
-    from diffdis_core.devices import keep_freed_memory, pick_device, pick_dtype
+    from diffdis_core.devices import pick_device, pick_dtype
 
-    device = pick_device(device_name)
-    if mode != "authors" and device.type == "cpu" and not default_allocator:
-        keep_freed_memory()  # as `python -m diffdis_core` does on CPU
-    dtype = pick_dtype(dtype_name, device)
+    device = pick_device(config["device"])
+    dtype = pick_dtype(config["dtype"], device)
+    started = time.perf_counter()
     pipe = build_pipeline(device, dtype)
+    authors = config["who"] == "authors"
     text_encoder = None
-    if mode == "authors":
+    if authors:
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD_TEXT_ENCODER_CONFIG)).to(device, dtype)
-        for module in (pipe.unet, pipe.vae):  # their code keeps PyTorch's default layout
-            torch.nn.Module.to(module, memory_format=torch.contiguous_format)
-    rgb = torch.rand(1, 3, resolution, resolution, device=device)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD_TEXT_ENCODER_CONFIG)).to(device, dtype)  # resident
+        pipe.set_channels_last(False)  # their code keeps PyTorch's default layout
+    elif config.get("compile"):
+        pipe.compile()
+    resolution = config["resolution"]
+    generator = torch.Generator(device).manual_seed(0)
+    rgb = torch.rand(1, 3, resolution, resolution, generator=generator, device=device)
 
     def once():
         with torch.inference_mode():
-            if mode == "authors":
-                authors_inference(pipe, rgb * 2 - 1, text_encoder)
+            if authors:
+                maps = authors_inference(pipe, rgb * 2 - 1)
             else:
-                pipe(rgb, processing_res=resolution, decode_edge=mode == "mask+edge",
-                     generator=torch.Generator(device).manual_seed(0))
+                out = pipe(rgb, processing_res=resolution, decode_edge=config["edge"], output_size=False,
+                           generator=torch.Generator(device).manual_seed(0))
+                maps = [out.mask]
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return maps
 
-    once()  # warm-up (kernel selection, allocator)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
+    if config.get("warm", True):
+        start = time.perf_counter()
+        once()  # kernel selection, allocator (and compilation with --compile)
+        first = time.perf_counter() - start
     else:
-        reset_peak_rss()
-    times = []
-    for _ in range(repeats):
+        first = None
+    print(json.dumps({"ready": True, "build_s": time.perf_counter() - started, "first_s": first,
+                      "dtype": str(dtype).removeprefix("torch."), "device": str(device)}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "quit":
+            break
+        if command == "mask":  # the mask, for accuracy comparisons
+            mask = once()[0].float().cpu()
+            path = config["mask_path"]
+            torch.save(mask, path)
+            print(json.dumps({"saved": path}), flush=True)
+            continue
         start = time.perf_counter()
         once()
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = peak_rss_gib()
-    return {"resolution": resolution, "dtype": dtype_name, "mode": mode, "device": str(device),
-            "seconds": min(times), "peak_gib": peak}
+        print(json.dumps({"seconds": time.perf_counter() - start, "peak_gib": peak_gib(device)}), flush=True)
+    del text_encoder
+
+
+# ------------------------------------------------------------------------------------------ the driver
+class Worker:
+    def __init__(self, config: dict):
+        self.config = config
+        self.process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(config)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.config} failed (see its error above)")
+        return json.loads(line)
+
+    def ask(self, command: str = "run") -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.process.wait()
+
+
+def machine_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} threads, CPU"
+
+
+def label(config: dict) -> str:
+    if config["who"] == "authors":
+        return "authors' sequence (mask + edge)"
+    work = "mask + edge" if config["edge"] else "mask only"
+    precision = "auto" if config["dtype"] == "auto" else "fixed"
+    return f"ours, {precision}{', compiled' if config.get('compile') else ''} ({work})"
+
+
+def speed_table(args, device_name: str) -> None:
+    print(f"\nSpeed: one image, {args.repeats} timed pairs per row (authors, ours, alternately), medians\n")
+    print("| size | run | precision | s/image | vs authors | peak GiB |")
+    print("|---:|---|---|---:|---:|---:|")
+    for resolution in args.resolutions:
+        base = {"resolution": resolution, "device": device_name}
+        authors = Worker({**base, "who": "authors", "dtype": "fp32", "edge": True})
+        authors_times, peaks = [], []
+        rows = []
+        for dtype in args.dtypes:
+            for edge in (False, True):
+                config = {**base, "who": "ours", "dtype": dtype, "edge": edge, "compile": args.compile}
+                ours = Worker(config)
+                times = []
+                for _ in range(args.repeats):
+                    result = authors.ask()
+                    authors_times.append(result["seconds"])
+                    peaks.append(result["peak_gib"])
+                    result = ours.ask()
+                    times.append(result["seconds"])
+                ours.close()
+                rows.append((config, ours.info, statistics.median(times), result["peak_gib"]))
+        authors.close()
+        reference = statistics.median(authors_times)
+        print(f"| {resolution}² | {label(authors.config)} | float32 | {reference:.2f} | 1.00× | {max(peaks):.2f} |")
+        for config, info, seconds, peak in rows:
+            compiled = f" (first call {info['first_s']:.0f} s)" if config.get("compile") else ""
+            print(f"| {resolution}² | {label(config)}{compiled} | {info['dtype']} | {seconds:.2f} | "
+                  f"{reference / seconds:.2f}× | {peak:.2f} |", flush=True)
+
+
+def memory_table(args, device_name: str) -> None:
+    print("\nPeak memory: one image, one run after building (includes the first call)\n")
+    print("| size | run | precision | peak GiB | s (first call) |")
+    print("|---:|---|---|---:|---:|")
+    for resolution in args.memory_resolutions:
+        configs = [{"who": "ours", "dtype": "auto", "edge": edge} for edge in (False, True)]
+        if resolution <= args.authors_max_memory_res:
+            configs.insert(0, {"who": "authors", "dtype": "fp32", "edge": True})
+        for config in configs:
+            config = {**config, "resolution": resolution, "device": device_name, "warm": False}
+            try:
+                worker_ = Worker(config)
+                result = worker_.ask()
+                worker_.close()
+            except RuntimeError as failure:
+                print(f"| {resolution}² | {label(config)} | {config['dtype']} | failed ({failure}) | |")
+                continue
+            print(f"| {resolution}² | {label(config)} | {worker_.info['dtype']} | {result['peak_gib']:.2f} | "
+                  f"{result['seconds']:.1f} |", flush=True)
+        if resolution > args.authors_max_memory_res:
+            print(f"| {resolution}² | authors' sequence | float32 | not run (untiled {resolution}² decode of "
+                  "2 maps: beyond this machine) | |")
+
+
+def accuracy(args, device_name: str) -> None:
+    import torch
+
+    resolution = args.resolutions[0]
+    masks = {}
+    for dtype in ("fp32", "auto"):
+        path = f"/tmp/diffdis-bench-mask-{dtype}-{os.getpid()}.pt"
+        worker_ = Worker({"who": "ours", "dtype": dtype, "edge": False, "resolution": resolution,
+                          "device": device_name, "warm": False, "mask_path": path})
+        worker_.ask("mask")
+        worker_.close()
+        masks[worker_.info["dtype"]] = torch.load(path)
+        os.remove(path)
+    (auto_name, auto_mask), (_, full) = list(masks.items())[-1], list(masks.items())[0]
+    difference = (auto_mask - full).abs()
+    print(f"\nauto = {auto_name} here; its mask vs float32's at {resolution}² (random weights): "
+          f"max abs {difference.max():.4f}, mean abs {difference.mean():.5f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 768, 1024])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[512])
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                        help="our precisions (default: auto fp32 bf16, plus fp16 on a GPU)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="leave glibc's allocator as it is for our runs too (as inside ComfyUI or a Python "
-                             "program), instead of the command line's keep_freed_memory() on CPU")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs per row")
+    parser.add_argument("--memory-resolutions", type=int, nargs="*", default=[1024, 2048])
+    parser.add_argument("--authors-max-memory-res", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our UNet and VAE")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.one:
-        resolution, dtype_name, mode = args.one.split(",")
-        print(json.dumps(measure(int(resolution), dtype_name, mode, args.device, args.repeats,
-                                 args.default_allocator)))
+    if args.worker:
+        worker(json.loads(args.worker))
         return
 
-    print(f"{'res':>5} {'dtype':>5} {'mode':>10} {'device':>7} {'s/image':>8} {'peak GiB':>9} {'vs authors':>10}")
-    for resolution in args.resolutions:
-        for dtype_name in args.dtypes:
-            baseline = None
-            for mode in sorted(args.modes, key=lambda m: m != "authors"):
-                command = [sys.executable, __file__, "--one", f"{resolution},{dtype_name},{mode}",
-                           "--device", args.device, "--repeats", str(args.repeats)]
-                command += ["--default-allocator"] if args.default_allocator else []
-                run = subprocess.run(command, capture_output=True, text=True)
-                if run.returncode != 0:
-                    last = (run.stderr.strip().splitlines() or ["failed"])[-1]
-                    print(f"{resolution:>5} {dtype_name:>5} {mode:>10}  failed: {last}", flush=True)
-                    continue
-                row = json.loads(run.stdout.strip().splitlines()[-1])
-                if mode == "authors":
-                    baseline = row["seconds"]
-                speedup = f"{baseline / row['seconds']:.2f}x" if baseline else "-"
-                print(f"{resolution:>5} {dtype_name:>5} {mode:>10} {row['device']:>7} {row['seconds']:>8.2f} "
-                      f"{row['peak_gib']:>9.2f} {speedup:>10}", flush=True)
+    import torch
+
+    from diffdis_core.devices import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    if args.dtypes is None:
+        args.dtypes = ["auto", "fp32", "bf16"] + (["fp16"] if device.type != "cpu" else [])
+    # auto is one of the others: time it once, under its name ("auto" first, so it is labelled so).
+    chosen = {}
+    for name in args.dtypes:
+        chosen.setdefault(pick_dtype(name, device), name)
+    args.dtypes = list(chosen.values())
+    print(f"DiffDIS inference benchmark on {machine_name()}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    if device.type == "cpu":
+        print("No GPU here. On one, run: python benchmarks/inference.py --device cuda --resolutions 1024 "
+              "--dtypes auto bf16 fp16 --compile   (and without --compile)")
+    speed_table(args, str(device))
+    if args.memory_resolutions:
+        memory_table(args, str(device))
+    accuracy(args, str(device))
 
 
 if __name__ == "__main__":

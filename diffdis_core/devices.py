@@ -5,9 +5,11 @@ Light (torch only): the ComfyUI nodes use the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import sys
+import threading
 
 import torch
 
@@ -90,20 +92,62 @@ def vae_dtype(dtype: torch.dtype, force_upcast: bool = True) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_allocator_lock = threading.Lock()
+_allocator_users = 0
+_kept_for_good = False
+
+
+def _glibc():
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _keep(libc) -> bool:
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS (process-wide).
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS, for good
+    (process-wide; glibc Linux only; returns whether it applied).
 
     A CPU inference allocates hundreds of fresh 50-500 MB activations; by default each comes from a
     new mmap, whose every page faults and is zeroed by the kernel on first touch: 15-20% of the run.
-    Reusing the heap removes that, at the price of the process keeping its peak memory until it
-    exits, so it is for short-lived processes (the command line), not servers such as ComfyUI.
-    Returns whether it applied (glibc Linux only).
+    Kept for good, the process holds its peak memory until it exits: for short-lived processes (the
+    command line). Servers use ``reuse_freed_memory`` around each inference instead.
     """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
+    global _kept_for_good
+    libc = _glibc()
+    with _allocator_lock:
+        _kept_for_good = libc is not None and _keep(libc)
+    return _kept_for_good
+
+
+@contextlib.contextmanager
+def reuse_freed_memory(device: torch.device | str = "cpu"):
+    """Within the block, freed CPU memory is reused rather than returned to the OS (see
+    ``keep_freed_memory``); after it, glibc's defaults come back and the free memory is returned
+    (``malloc_trim``). A no-op off the CPU, off glibc, or where memory is kept for good already."""
+    global _allocator_users
+    libc = _glibc() if torch.device(device).type == "cpu" else None
+    with _allocator_lock:
+        active = libc is not None and not _kept_for_good
+        if active:
+            if _allocator_users == 0:
+                _keep(libc)
+            _allocator_users += 1
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        yield
+    finally:
+        if active:
+            with _allocator_lock:
+                _allocator_users -= 1
+                if _allocator_users == 0 and not _kept_for_good:
+                    for option, value in _GLIBC_DEFAULTS.items():
+                        libc.mallopt(option, value)
+                    libc.malloc_trim(0)

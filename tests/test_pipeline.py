@@ -226,13 +226,14 @@ def test_non_finite_outputs_are_an_error_not_an_empty_cutout(official_tiny):
         pipe(random_image(16, 16), processing_res=RES)
 
 
-def test_a_diffusers_pipeline(tiny_pipeline, tmp_path):
+def test_a_diffusers_pipeline(official_tiny):
     from diffusers import DiffusionPipeline
 
-    assert isinstance(tiny_pipeline, DiffusionPipeline)
-    assert set(tiny_pipeline.components) == {"unet", "vae", "scheduler"}
-    tiny_pipeline.set_progress_bar_config(disable=True)
-    pipe = DiffDISPipeline(**tiny_pipeline.components, empty_text_embed=tiny_pipeline.empty_text_embed)
+    loaded = DiffDISPipeline.from_pretrained(official_tiny, base=None)  # its own: the casts below are lossy
+    assert isinstance(loaded, DiffusionPipeline)
+    assert set(loaded.components) == {"unet", "vae", "scheduler"}
+    loaded.set_progress_bar_config(disable=True)
+    pipe = DiffDISPipeline(**loaded.components, empty_text_embed=loaded.empty_text_embed)
     assert pipe.to(torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16 and pipe.vae_dtype == torch.bfloat16
     pipe.to(torch.float16)
     assert pipe.dtype == torch.float16 and pipe.vae_dtype == torch.float32  # force_upcast: no fp16 VAE
