@@ -76,6 +76,17 @@ def test_soft_maps_16_bit_edges_and_a_plain_folder(official_tiny, dis5k, tmp_pat
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_an_unreadable_image_is_named_in_one_line(official_tiny, tmp_path, capsys):
+    make_split(tmp_path, 2)
+    bad = sorted((tmp_path / "im").iterdir())[1]
+    bad.write_bytes(b"not a jpeg")
+    # Loaded in a DataLoader worker, whose errors come back carrying the worker's traceback.
+    assert evaluate("--model", official_tiny, "--base", "none", "--dataset", tmp_path, "--resolution", 64,
+                    "--no-tta", "--no-hce", "--num-workers", 1) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"error: {bad}: unreadable image")
+
+
 def test_missing_predictions_are_named(dis5k, tmp_path, capsys):
     pred = tmp_path / "pred"
     pred.mkdir()

@@ -3,12 +3,14 @@
     python training/evaluate.py --model qianyu1217/diffdis --dataset /data/DIS5K
     python training/evaluate.py --model runs/dis/final --dataset /data/DIS5K --split DIS-VD --no-tta --json vd.json
     python training/evaluate.py --pred preds/DIS-VD --gt /data/DIS5K/DIS-VD/gt          # saved maps only
-    accelerate launch training/evaluate.py ...                                            # images split over GPUs
+    accelerate launch --multi_gpu --num_processes 4 training/evaluate.py ...              # images split 4 ways
 
-Inference uses the paper's settings by default (1024², one step, the authors' flip × 3-scale test-time
-augmentation, per-image min-max), with a fixed noise seed per image. Scoring follows the authors'
-test_score.py (see training/metrics.py): maps binarised at 0.5, max F, weighted F, adaptive E, S and MAE
-(plus HCE). ``--soft`` scores the soft maps instead.
+(``diffdis-evaluate`` once the package is installed.) Inference is the authors' run_inference.py by
+default: PIL bilinear input resize to 1024², one step with a fixed noise seed per image, their flip ×
+3-scale test-time augmentation, the map truncated to 8 bits and PIL-resized to the image's size, saved
+as the 8-bit grey PNG their test_score.py reads. Scoring follows that script (see training/metrics.py):
+maps binarised at 0.5, max F, weighted F, adaptive E, S and MAE (plus HCE). ``--soft`` scores the soft
+maps instead. Under ``accelerate launch`` each image is done once, by one of the processes.
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def error_line(error: Exception) -> str:
+    """The error's message. A DataLoader worker's error (an unreadable image) comes back with the worker's
+    traceback in its message; the user gets its last line, the message itself."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(f"{type(error).__name__}: ", 1)[-1]
+    return str(error)
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -139,20 +150,19 @@ def predict_and_score(pipe, samples: list[Sample], *, processing_res: int = 1024
     metrics = DISMetrics(binarize=binarize, hce=hce)
     loader = torch.utils.data.DataLoader(_EvalImages(shard), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_as_list)
-    bar = tqdm(total=len(shard), desc=desc, unit="image", disable=not progress, leave=False)
-    for batch in loader:
-        names, images, gts = zip(*batch, strict=True)
-        with autocast() if autocast is not None else nullcontext():
-            masks, edges = predict_maps(pipe, list(images), processing_res=processing_res, tta=tta, seed=seed,
-                                        bits=bits, decode_edge=save_dir is not None and save_edge)
-        for index, (name, mask, gt) in enumerate(zip(names, masks, gts, strict=True)):
-            if save_dir is not None:
-                save_image(Image.fromarray(mask), save_dir / "mask" / f"{name}.png")
-                if edges is not None:
-                    save_image(Image.fromarray(edges[index]), save_dir / "edge" / f"{name}.png")
-            metrics.update(mask, gt)  # the saved map, as test_score.py reads it
-            bar.update(1)
-    bar.close()
+    with tqdm(total=len(shard), desc=desc, unit="image", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            names, images, gts = zip(*batch, strict=True)
+            with autocast() if autocast is not None else nullcontext():
+                masks, edges = predict_maps(pipe, list(images), processing_res=processing_res, tta=tta, seed=seed,
+                                            bits=bits, decode_edge=save_dir is not None and save_edge)
+            for index, (name, mask, gt) in enumerate(zip(names, masks, gts, strict=True)):
+                if save_dir is not None:
+                    save_image(Image.fromarray(mask), save_dir / "mask" / f"{name}.png")
+                    if edges is not None:
+                        save_image(Image.fromarray(edges[index]), save_dir / "edge" / f"{name}.png")
+                metrics.update(mask, gt)  # the saved map, as test_score.py reads it
+                bar.update(1)
     return metrics.partial()
 
 
@@ -379,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args)
     except DiffDISError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

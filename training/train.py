@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a file: import this folder as the packag
 from diffdis_core.errors import DiffDISError
 from diffdis_core.spec import DEFAULT_BASE, UNET_WEIGHTS_NAMES, check_processing_res
 
-from .evaluate import OneLineErrorParser
+from .evaluate import OneLineErrorParser, error_line
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_NAME = re.compile(r"^checkpoint-\d+\.damaged\d*$")
@@ -637,7 +637,8 @@ def train(args: argparse.Namespace) -> TrainResult:
               + (f"{kept[-1][1].name} is intact: continue with --resume" if kept else "no checkpoint yet"),
               file=sys.stderr)
         raise
-    progress.close()
+    finally:
+        progress.close()  # also before an error's message (e.g. an unreadable image)
 
     if last_saved != global_step:
         save_checkpoint(global_step)  # lets a finished run be extended with --resume --max-steps
@@ -668,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args)
     except DiffDISError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
