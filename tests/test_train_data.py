@@ -18,6 +18,8 @@ from training.data import (
     prepare_edge_maps,
     split_folder,
 )
+from training import synthetic
+from training import train as train_script
 from training.recipe import lr_multiplier, optimizer_param_groups, pyramid_noise_like
 from training.synthetic import make_split
 
@@ -174,3 +176,30 @@ def test_lr_schedule_and_bde_learning_rate():
     groups = optimizer_param_groups(model, 3e-5)
     assert groups[0]["lr"] == 3e-5 and groups[1]["lr"] == pytest.approx(3e-4)
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.class_embedding.parameters()}
+
+
+def test_default_lr_schedule_is_the_authors_code():
+    # Their run_train.py: after each epoch e = 1, 2, ... `lr *= decay ** (e // decay_epoch)` (utils.adjust_lr).
+    args = train_script.build_parser().parse_args(["--dataset", "d", "--output", "o"])
+    lr, rates = args.lr, []
+    for epoch in range(1, 101):
+        rates.append(lr)
+        lr *= args.lr_decay ** (epoch // args.lr_decay_epochs)
+    compound = args.lr_schedule == "authors"
+    ours = [args.lr * lr_multiplier(e, args.lr_decay, args.lr_decay_epochs, compound) for e in range(100)]
+    assert ours == pytest.approx(rates, rel=1e-9)
+    assert rates[-1] == pytest.approx(3e-5 * 0.95**120)
+
+
+def test_synthetic_command_makes_a_dataset_and_a_tiny_base(tmp_path, capsys):
+    assert synthetic.main([str(tmp_path / "smoke"), "--train", "2", "--val", "1"]) == 0
+    out = capsys.readouterr().out
+    dataset, base = tmp_path / "smoke" / "DIS5K", tmp_path / "smoke" / "sd-turbo-tiny"
+    assert [len(find_pairs(dataset / split)) for split in ("DIS-TR", "DIS-VD")] == [2, 1]
+    for part in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "empty_text_embed.safetensors"):
+        assert (base / part).is_file(), part
+    assert f"train.py --pretrained {base} --base none --dataset {dataset}" in out
+    assert synthetic.main([str(tmp_path / "smoke")]) == 2  # never over what is there
+    assert "already exists" in capsys.readouterr().err

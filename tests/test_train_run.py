@@ -1,6 +1,7 @@
 """End-to-end CPU training runs with a tiny SD-Turbo-like base and a toy DIS-style dataset."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from diffdis_core import DiffDISPipeline, DiffDISUNet
 from training import train as train_script
-from training.synthetic import make_base_from, make_dataset
+from training.synthetic import make_dataset, make_tiny_base
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_KEYS = {"step", "epoch", "loss", "mask_loss", "edge_loss", "lr", "images_per_s"}
@@ -28,19 +29,16 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, official_tiny):
+def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_training")
-    config = json.loads((official_tiny / "unet" / "config.json").read_text())
-    base = make_base_from(config, official_tiny, root / "sd_turbo_tiny")
-    dataset = make_dataset(root / "DIS5K", train=8, val=2)
-    return base, dataset
+    return make_tiny_base(root / "sd_turbo_tiny"), make_dataset(root / "DIS5K", train=8, val=2)
 
 
 def run(toy, output, *extra):
     base, dataset = toy
     return train_script.main(["--pretrained", str(base), "--base", "none", "--dataset", str(dataset),
                               "--output", str(output), "--resolution", "64", "--batch-size", "2",
-                              "--num-workers", "0", "--log-every", "1", *extra])
+                              "--num-workers", "0", "--log-every", "1", *map(str, extra)])
 
 
 def read_log(path):
@@ -139,7 +137,8 @@ def test_run_folder_is_never_overwritten_unasked(toy, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "3"], "--batch-size must be even"),
-    (["--resolution", "60"], "multiple of 8"),
+    (["--resolution", "96"], "--resolution must be a multiple of 64 from 64 to 4096, got 96: use 64 or 128"),
+    (["--validate-every", "2", "--val-tta"], "--resolution (the validation size) must be a multiple of 256"),
     (["--resume", "--overwrite"], "pass only one"),
 ])
 def test_bad_options_fail_in_one_line(toy, tmp_path, capsys, extra, message):
@@ -149,10 +148,74 @@ def test_bad_options_fail_in_one_line(toy, tmp_path, capsys, extra, message):
 
 
 def test_script_reports_a_missing_dataset_in_one_line(tmp_path):
+    # Run as a file from another folder, as `python path/to/training/train.py` is.
     result = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), "--dataset", str(tmp_path / "nope"),
-                             "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+                             "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: dataset folder {tmp_path / 'nope'} does not exist; "
                                                   "expected DIS5K layout (<dataset>/<split>/im/*.jpg + gt/*.png) "
                                                   "or a folder with im/ and gt/"]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_seed_fixes_the_run_whatever_is_cached(toy, tmp_path, capsys):
+    # The first run writes the edge maps, the second finds them cached: the same seed, the same step.
+    cache = tmp_path / "edges"
+    assert run(toy, tmp_path / "fresh", "--max-steps", "1", "--edge-cache", cache) == 0
+    assert "wrote 8 edge map(s)" in capsys.readouterr().out
+    assert run(toy, tmp_path / "cached", "--max-steps", "1", "--edge-cache", cache) == 0
+    assert "edge map(s)" not in capsys.readouterr().out
+    fresh, cached = (read_log(tmp_path / name / "train_log.jsonl")[0] for name in ("fresh", "cached"))
+    assert fresh["loss"] == cached["loss"]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("checkpoints") / "run"
+    assert run(toy, out, "--max-steps", "2", "--checkpoint-every", "1", "--keep-checkpoints", "0") == 0
+    return out
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damaged, damage, problem", [
+    ("optimizer.bin", truncate, "is truncated or damaged"),
+    ("training_state.json", lambda path: path.write_text('{"step": 2, "identi'), "is not valid JSON"),
+])
+def test_resume_falls_back_from_a_damaged_checkpoint_and_says_so(toy, two_checkpoints, tmp_path, capsys,
+                                                                 damaged, damage, problem):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    damage(out / "checkpoint-2" / damaged)
+    capsys.readouterr()
+    assert run(toy, out, "--max-steps", "3", "--resume", "--checkpoint-every", "1", "--keep-checkpoints", "0") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if problem in line]
+    assert len(said) == 1 and said[0].startswith(f"{out / 'checkpoint-2' / damaged} {problem}")
+    assert said[0].endswith("resuming from checkpoint-1 instead (the damaged one is now checkpoint-2.damaged)")
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]  # step 2 done again
+    assert (out / "checkpoint-2.damaged" / damaged).is_file()  # kept for inspection, never resumed from
+    assert train_script.check_checkpoint(out / "checkpoint-2")["step"] == 2
+    assert json.loads((out / "checkpoint-3" / "training_state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("damaged, damage, problem", [
+    ("unet/diffusion_pytorch_model.safetensors", truncate, "is truncated or damaged"),
+    ("training_state.json", lambda path: path.write_text('{"step": "two"}'), "does not hold a training state"),
+    ("scheduler.bin", lambda path: torch.save({"no": "scheduler"}, path), "could not load"),
+])
+def test_a_damaged_checkpoint_with_none_before_it_is_named_in_one_line(toy, two_checkpoints, tmp_path, capsys,
+                                                                       damaged, damage, problem):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    shutil.rmtree(out / "checkpoint-1")
+    damage(out / "checkpoint-2" / damaged)
+    capsys.readouterr()
+    assert run(toy, out, "--max-steps", "3", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and problem in err and "--overwrite" in err
+    assert str(out / "checkpoint-2") in err
+    assert (out / "checkpoint-2").is_dir() and [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]

@@ -182,7 +182,10 @@ def prepare_edge_maps(samples: list[Sample], folder: Path, num_workers: int = 0,
     todo = [s for s in samples if not _edge_is_current(edge_path(folder, s), s.mask)]
     if not todo:
         return 0
-    loader = torch.utils.data.DataLoader(_EdgeJobs(todo, folder), batch_size=None, num_workers=num_workers)
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and
+    # whether this runs at all depends on the cache.
+    loader = torch.utils.data.DataLoader(_EdgeJobs(todo, folder), batch_size=None, num_workers=num_workers,
+                                         generator=torch.Generator())
     for _ in tqdm(loader, total=len(todo), desc=f"edge maps ({folder.name})", unit="mask", disable=not progress):
         pass
     return len(todo)

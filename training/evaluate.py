@@ -3,12 +3,14 @@
     python training/evaluate.py --model qianyu1217/diffdis --dataset /data/DIS5K
     python training/evaluate.py --model runs/dis/final --dataset /data/DIS5K --split DIS-VD --no-tta --json vd.json
     python training/evaluate.py --pred preds/DIS-VD --gt /data/DIS5K/DIS-VD/gt          # saved maps only
-    accelerate launch training/evaluate.py ...                                            # images split over GPUs
+    accelerate launch --multi_gpu --num_processes 4 training/evaluate.py ...              # images split 4 ways
 
-Inference uses the paper's settings by default (1024², one step, the authors' flip × 3-scale test-time
-augmentation, per-image min-max), with a fixed noise seed per image. Scoring follows the authors'
-test_score.py (see training/metrics.py): maps binarised at 0.5, max F, weighted F, adaptive E, S and MAE
-(plus HCE). ``--soft`` scores the soft maps instead.
+(``diffdis-evaluate`` once the package is installed.) Inference is the authors' run_inference.py by
+default: PIL bilinear input resize to 1024², one step with a fixed noise seed per image, their flip ×
+3-scale test-time augmentation, the map truncated to 8 bits and PIL-resized to the image's size, saved
+as the 8-bit grey PNG their test_score.py reads. Scoring follows that script (see training/metrics.py):
+maps binarised at 0.5, max F, weighted F, adaptive E, S and MAE (plus HCE). ``--soft`` scores the soft
+maps instead. Under ``accelerate launch`` each image is done once, by one of the processes.
 """
 
 from __future__ import annotations
@@ -20,15 +22,21 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file: import this folder as the package it is, from any directory
+    _folder = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _folder]  # its modules are not top-level
+    sys.path.insert(0, str(_folder.parent))
+    __package__ = _folder.name
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from diffdis_core import DiffDISError
-from diffdis_core.hub import DEFAULT_BASE, DEFAULT_MODEL
-from training.data import DIS5K_SPLITS, MASK_EXTENSIONS, Sample, find_pairs, load_mask, load_rgb, split_folder
-from training.metrics import DISMetrics, combine, format_table, mean_over_splits
+from diffdis_core.devices import DTYPE_CHOICES
+from diffdis_core.errors import DiffDISError
+from diffdis_core.spec import DEFAULT_BASE, DEFAULT_MODEL, check_processing_res
+
+from .data import DIS5K_SPLITS, MASK_EXTENSIONS, Sample, find_pairs, load_mask, load_rgb, split_folder
+from .metrics import DISMetrics, combine, format_table, mean_over_splits
 
 TEST_SPLITS = ["DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"]
 TEST_MEAN = "DIS-TE (1-4)"
@@ -49,9 +57,61 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def error_line(error: Exception) -> str:
+    """The error's message. A DataLoader worker's error (an unreadable image) comes back with the worker's
+    traceback in its message; the user gets its last line, the message itself."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(f"{type(error).__name__}: ", 1)[-1]
+    return str(error)
+
+
 # ---------------------------------------------------------------------------------------------- inference
+# The authors' run_inference.py, step by step: the image is read as 8-bit RGB and resized with PIL bilinear
+# to processing_res²; the pipeline runs (with TTA: six views, each min-maxed, de-augmented, averaged); the
+# averaged map goes to 8 bits with torchvision's to_pil (× 255, truncated) and back to the image's size with
+# PIL bilinear; that 8-bit grey PNG is what their test_score.py reads.
+def protocol_input(image, processing_res: int):
+    """The authors' input: the (8-bit RGB) image resized with PIL bilinear to ``processing_res``²."""
+    from PIL import Image
+
+    return image.resize((processing_res, processing_res), Image.Resampling.BILINEAR)
+
+
+def protocol_map(square: np.ndarray, size: tuple[int, int], bits: int = 8) -> np.ndarray:
+    """A map at the processing size (float in [0, 1]) as the authors save it: × 255 truncated to 8 bits
+    (``bits=16``: × 65535 truncated to 16 bits), then PIL bilinear to ``size`` = (width, height)."""
+    from PIL import Image
+
+    scale, dtype = (65535, np.uint16) if bits == 16 else (255, np.uint8)
+    levels = (np.clip(np.asarray(square, np.float32), 0, 1) * scale).astype(dtype)  # truncation, as to_pil
+    return np.asarray(Image.fromarray(levels).resize(tuple(size), Image.Resampling.BILINEAR))
+
+
+def predict_maps(pipe, images: list, *, processing_res: int = 1024, tta: bool = True, seed: int = 0,
+                 bits: int = 8, decode_edge: bool = False, latents=None
+                 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The saved maps (mask, and edge with ``decode_edge``) of RGB PIL ``images``, by the authors' protocol.
+
+    Each image has its own generator seeded with ``seed``: its maps do not depend on the other images
+    in the batch, nor on the process it runs on. ``latents`` replays given initial noise (see the pipeline).
+    """
+    import torch
+
+    squares = [protocol_input(image, processing_res) for image in images]
+    generators = [torch.Generator("cpu").manual_seed(seed) for _ in images]
+    out = pipe(squares, processing_res=processing_res, generator=generators, tta=tta, decode_edge=decode_edge,
+               latents=latents)
+
+    def saved(maps) -> list[np.ndarray]:
+        return [protocol_map(m.reshape(m.shape[-2:]).float().cpu().numpy(), image.size, bits)
+                for m, image in zip(maps, images, strict=True)]
+
+    return saved(out.mask), (saved(out.edge) if decode_edge else None)
+
+
 class _EvalImages:
-    """Loads (image, ground truth) pairs in DataLoader workers while the model runs."""
+    """Loads (name, image, ground truth) in DataLoader workers while the model runs."""
 
     def __init__(self, samples: list[Sample]):
         self.samples = samples
@@ -71,56 +131,48 @@ def _as_list(batch):
 
 def predict_and_score(pipe, samples: list[Sample], *, processing_res: int = 1024, tta: bool = True, seed: int = 0,
                       batch_size: int = 1, binarize: bool = True, hce: bool = True, save_dir: Path | None = None,
-                      bits: int = 16, num_workers: int = 2, progress: bool = True, desc: str = "evaluate",
-                      autocast=None) -> dict:
-    """Run ``pipe`` on this process's share of ``samples`` (accelerate's ``split_between_processes``) and
-    score it; returns ``DISMetrics.partial()`` (combine the processes' with ``gather_partials``).
+                      save_edge: bool = False, bits: int = 8, num_workers: int = 2, progress: bool = True,
+                      desc: str = "evaluate", autocast=None) -> dict:
+    """Run ``pipe`` on this process's share of ``samples`` and score the maps the protocol saves; returns
+    ``DISMetrics.partial()`` (combine the processes' with ``gather_partials``).
 
-    Each image gets its own generator seeded with ``seed``, so a result does not depend on the batch,
-    the order or the number of processes.
+    The samples are split between the processes of an ``accelerate launch`` (each image once); with
+    ``save_dir``, maps are written to ``save_dir/mask/<name>.png`` (and ``edge/`` with ``save_edge``).
     """
     import torch
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    from diffdis_core.distributed import process_state
     from diffdis_core.image_io import save_image
 
-    with PartialState().split_between_processes(list(samples)) as shard:
+    with process_state().split_between_processes(list(samples)) as shard:
         shard = list(shard)
     metrics = DISMetrics(binarize=binarize, hce=hce)
     loader = torch.utils.data.DataLoader(_EvalImages(shard), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_as_list)
-    bar = tqdm(total=len(shard), desc=desc, unit="image", disable=not progress, leave=False)
-    for batch in loader:
-        names, images, gts = zip(*batch, strict=True)
-        generators = [torch.Generator("cpu").manual_seed(seed) for _ in images]
-        with autocast() if autocast is not None else nullcontext():
-            masks = pipe(list(images), processing_res=processing_res, generator=generators, tta=tta,
-                         decode_edge=False).mask
-        for name, mask, gt in zip(names, masks, gts, strict=True):
-            pred = mask.reshape(mask.shape[-2:]).float().cpu().numpy()
-            if save_dir is not None:
-                save_image(to_png(pred, bits), save_dir / f"{name}.png")
-            metrics.update(pred, gt)
-            bar.update(1)
-    bar.close()
+    with tqdm(total=len(shard), desc=desc, unit="image", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            names, images, gts = zip(*batch, strict=True)
+            with autocast() if autocast is not None else nullcontext():
+                masks, edges = predict_maps(pipe, list(images), processing_res=processing_res, tta=tta, seed=seed,
+                                            bits=bits, decode_edge=save_dir is not None and save_edge)
+            for index, (name, mask, gt) in enumerate(zip(names, masks, gts, strict=True)):
+                if save_dir is not None:
+                    save_image(Image.fromarray(mask), save_dir / "mask" / f"{name}.png")
+                    if edges is not None:
+                        save_image(Image.fromarray(edges[index]), save_dir / "edge" / f"{name}.png")
+                metrics.update(mask, gt)  # the saved map, as test_score.py reads it
+                bar.update(1)
     return metrics.partial()
-
-
-def to_png(pred: np.ndarray, bits: int):
-    from PIL import Image
-
-    if bits == 16:
-        return Image.fromarray(np.round(np.clip(pred, 0, 1) * 65535).astype(np.uint16))
-    return Image.fromarray(np.round(np.clip(pred, 0, 1) * 255).astype(np.uint8), "L")
 
 
 def gather_partials(partial: dict) -> list[dict]:
     """Every process's partial sums (a one-element list without distribution)."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    if PartialState().num_processes == 1:
+    from diffdis_core.distributed import process_state
+
+    if process_state().num_processes == 1:
         return [partial]
     return gather_object([partial])
 
@@ -131,8 +183,6 @@ PRED_EXTENSIONS = MASK_EXTENSIONS
 
 def read_prediction(path: Path) -> np.ndarray:
     """A saved map as uint8 or uint16 (16-bit PNGs keep their precision)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             if image.mode.startswith("I;16") or image.mode == "I":
@@ -173,7 +223,6 @@ def score_saved(pairs: list[tuple[Path, Path]], binarize: bool, hce: bool, progr
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
-        prog="python training/evaluate.py",
         description="Score a DiffDIS model (or saved predictions) on DIS5K with the paper's protocol.")
     source = parser.add_argument_group("what to score")
     source.add_argument("--model", default=None,
@@ -189,19 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
                                        "subfolder per split (with --dataset); nothing is run")
     source.add_argument("--gt", help="ground-truth folder for --pred")
     infer = parser.add_argument_group("inference (the paper's settings by default)")
-    infer.add_argument("--resolution", type=int, default=1024, help="processing resolution (default 1024)")
+    infer.add_argument("--resolution", type=int, default=1024,
+                       help="processing resolution: a multiple of 64, of 256 with TTA (default 1024)")
     infer.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                        help="the authors' flip x 3-scale test-time augmentation (default on, as in the paper)")
     infer.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image (default 0)")
     infer.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     infer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (accelerate launch: its own)")
-    infer.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                       help="model precision (default fp32, as the paper)")
+    infer.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES,
+                       help="model precision (default fp32, as the paper; auto: the fastest safe one)")
     infer.add_argument("--max-images", type=int, default=None, help="score only the first N images of each split")
     infer.add_argument("--num-workers", type=int, default=2, help="image-loading workers (default 2)")
-    infer.add_argument("--save-pred", help="also write the predicted maps to SAVE_PRED/<split>/<stem>.png")
-    infer.add_argument("--pred-bits", type=int, choices=[8, 16], default=16,
-                       help="PNG depth of saved maps (default 16)")
+    infer.add_argument("--save-pred",
+                       help="also write the maps to SAVE_PRED/<split>/mask/<stem>.png, the layout of the authors' "
+                            "run_inference.py that their test_score.py reads")
+    infer.add_argument("--save-edge", action="store_true",
+                       help="with --save-pred, also write the edge maps to SAVE_PRED/<split>/edge/")
+    infer.add_argument("--pred-bits", type=int, choices=[8, 16], default=8,
+                       help="depth of the maps, saved and scored (default 8: 8-bit grey PNG, the authors' "
+                            "protocol; 16 keeps finer levels, which their test_score.py cannot read)")
     infer.add_argument("--overwrite", action="store_true", help="replace maps already in --save-pred")
     score = parser.add_argument_group("scoring")
     score.add_argument("--soft", action="store_true",
@@ -222,10 +277,10 @@ def resolve_splits(dataset: str, splits: list[str] | None) -> list[tuple[str, Pa
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    if args.resolution < 8 or args.resolution % 8:
-        raise DiffDISError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.batch_size < 1:
         raise DiffDISError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise DiffDISError(f"--max-images must be at least 1, got {args.max_images}")
     binarize, hce = not args.soft, not args.no_hce
     if args.pred:
         if args.model:
@@ -242,55 +297,71 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                 jobs.append((name, pair_predictions(pred, folder / "gt")))
         else:
             raise DiffDISError("--pred needs --gt (one folder pair) or --dataset (one subfolder per split)")
+        from diffdis_core.distributed import process_state
+
+        state = process_state(cpu=True)  # scoring runs on the CPU; under accelerate launch it is shared out
         results = {}
         for name, pairs in jobs:
             pairs = pairs[: args.max_images] if args.max_images else pairs
-            results[name] = combine([score_saved(pairs, binarize, hce, True, name)])
+            with state.split_between_processes(pairs) as shard:
+                partial = score_saved(list(shard), binarize, hce, state.is_main_process, name)
+            results[name] = combine(gather_partials(partial))
         return results
 
+    check_processing_res(args.resolution, tta=args.tta, name="--resolution")
     if args.gt:
         raise DiffDISError("--gt is only used with --pred")
     if not args.dataset:
         raise DiffDISError("give --dataset (a DIS5K root or an im/ + gt/ folder) to evaluate a model on")
+    if args.save_edge and not args.save_pred:
+        raise DiffDISError("--save-edge needs --save-pred (the folder to write the maps to)")
     splits = [(name, folder, find_pairs(folder)) for name, folder in resolve_splits(args.dataset, args.split)]
+    splits = [(name, folder, samples[: args.max_images] if args.max_images else samples)
+              for name, folder, samples in splits]
     save_root = Path(args.save_pred) if args.save_pred else None
     if save_root is not None and not args.overwrite:
         for name, _, samples in splits:
-            existing = [s.name for s in samples if (save_root / name / f"{s.name}.png").exists()]
+            kinds = ["mask", "edge"] if args.save_edge else ["mask"]
+            existing = [save_root / name / kind / f"{s.name}.png" for s in samples for kind in kinds
+                        if (save_root / name / kind / f"{s.name}.png").exists()]
             if existing:
-                raise DiffDISError(f"{save_root / name} already has {len(existing)} of these maps "
-                                   f"(e.g. {existing[0]}.png); pass --overwrite to replace them or choose another "
+                raise DiffDISError(f"{existing[0].parent} already has {len(existing)} of these maps "
+                                   f"(e.g. {existing[0].name}); pass --overwrite to replace them or choose another "
                                    "--save-pred")
 
     import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
     from diffdis_core import DiffDISPipeline
-    from diffdis_core.devices import DTYPES, pick_device
+    from diffdis_core.devices import pick_device, pick_dtype
+    from diffdis_core.distributed import process_state
 
-    # Under accelerate launch (or torchrun) the images are split over the processes; CPU-only multi-process
-    # runs are opted into as accelerate does, with ACCELERATE_USE_CPU.
-    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # Under accelerate launch the images are split between the processes (GPUs, or CPU processes where
+    # there is no GPU), each image done once by one of them.
+    state = process_state(cpu=args.device == "cpu")
     device = state.device if state.num_processes > 1 else pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if save_root is not None:
+        for name, _, _ in splits:
+            for kind in ["mask", "edge"] if args.save_edge else ["mask"]:
+                try:
+                    (save_root / name / kind).mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise DiffDISError(f"cannot create {save_root / name / kind} ({error.strerror})") from None
     base = None if str(args.base).lower() == "none" else args.base
-    pipe = DiffDISPipeline.from_pretrained(args.model or DEFAULT_MODEL, base=base, torch_dtype=DTYPES[args.dtype],
-                                           device=device)
+    pipe = DiffDISPipeline.from_pretrained(args.model or DEFAULT_MODEL, base=base, torch_dtype=dtype, device=device)
     if state.is_main_process:
         print(f"model {args.model or DEFAULT_MODEL}: {args.resolution}², one step, TTA {'on' if args.tta else 'off'}, "
-              f"seed {args.seed}, {args.dtype}, {'soft maps' if args.soft else 'binarised maps (authors protocol)'}, "
+              f"seed {args.seed}, {str(dtype).removeprefix('torch.')}, {args.pred_bits}-bit maps, "
+              f"{'soft maps' if args.soft else 'binarised maps (authors protocol)'}, "
               f"{state.num_processes} process(es) on {device}", file=sys.stderr)
     results = {}
     for name, _, samples in splits:
-        samples = samples[: args.max_images] if args.max_images else samples
-        save_dir = save_root / name if save_root is not None else None
-        if save_dir is not None:
-            save_dir.mkdir(parents=True, exist_ok=True)
         with torch.inference_mode():
             partial = predict_and_score(
                 pipe, samples, processing_res=args.resolution, tta=args.tta, seed=args.seed,
-                batch_size=args.batch_size, binarize=binarize, hce=hce, save_dir=save_dir, bits=args.pred_bits,
-                num_workers=args.num_workers, progress=state.is_main_process, desc=name)
+                batch_size=args.batch_size, binarize=binarize, hce=hce,
+                save_dir=save_root / name if save_root is not None else None, save_edge=args.save_edge,
+                bits=args.pred_bits, num_workers=args.num_workers, progress=state.is_main_process, desc=name)
         results[name] = combine(gather_partials(partial))
     return results
 
@@ -318,14 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args)
     except DiffDISError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    from accelerate import PartialState
+    from diffdis_core.distributed import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         report(results, args)
     return 0
 

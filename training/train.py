@@ -4,10 +4,14 @@
     accelerate launch --multi_gpu --num_processes 2 training/train.py --batch-size 2 --dataset ... --output ...
     python training/train.py --dataset /data/DIS5K --output runs/dis --resume          # continue a killed run
 
+(``diffdis-train`` once the package is installed.) Under ``accelerate launch`` every process is one rank;
+on a machine without GPUs the processes train together on the CPU (gloo).
+
 Recipe (defaults; every part has a flag for ablations): the DiffDIS UNet initialised from SD-Turbo (conv_in
 widened, DBIA copied from self-attention, SWCI outputs at zero), VAE and text encoder frozen; flip, centred
 crop, rotation, colour jitter, CutMix within pairs; pyramid noise at t = 999; one-step x̂0; MSE on mask and
-edge latents; Adam 3e-5 (BDE projection 10×), ×0.95 every 30 epochs; batch 4 at 1024².
+edge latents; Adam 3e-5 (BDE projection 10×) with the authors' decay (×0.95^(e // 30) after each epoch e);
+batch 4 at 1024²; TF32 on CUDA.
 
 Output folder: train_log.jsonl (one line per logged step), val_log.jsonl (with --validate-every),
 checkpoint-<step>/ (UNet in the released layout + accelerate's optimizer, scheduler and RNG state; written
@@ -25,16 +29,24 @@ import re
 import shutil
 import sys
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file: import this folder as the package it is, from any directory
+    _folder = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _folder]  # its modules are not top-level
+    sys.path.insert(0, str(_folder.parent))
+    __package__ = _folder.name
 
-from diffdis_core import DiffDISError
-from diffdis_core.hub import DEFAULT_BASE
-from training.evaluate import OneLineErrorParser
+from diffdis_core.errors import DiffDISError
+from diffdis_core.spec import DEFAULT_BASE, UNET_WEIGHTS_NAMES, check_processing_res
+
+from .evaluate import OneLineErrorParser, error_line
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+DAMAGED_NAME = re.compile(r"^checkpoint-\d+\.damaged\d*$")
 STATE_FILE = "training_state.json"
 LOG_FILE = "train_log.jsonl"
 VAL_LOG_FILE = "val_log.jsonl"
@@ -44,8 +56,7 @@ RUN_IDENTITY = ("batch_size", "gradient_accumulation_steps", "seed", "num_proces
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="python training/train.py",
-                           description="Train DiffDIS (one-step dichotomous image segmentation) from SD-Turbo.")
+    p = OneLineErrorParser(description="Train DiffDIS (one-step dichotomous image segmentation) from SD-Turbo.")
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained", default=DEFAULT_BASE,
                    help=f"SD-Turbo folder (diffusers layout) or Hugging Face repo to start from "
@@ -60,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edge-cache", help="where edge maps are cached (default OUTPUT/edge_cache); never the dataset "
                                         "unless you point this there")
     g = p.add_argument_group("recipe")
-    g.add_argument("--resolution", type=int, default=1024, help="training size, a multiple of 8; 64k for exact SWCI "
-                                                                 "scales (default 1024)")
+    g.add_argument("--resolution", type=int, default=1024,
+                   help="training size, a multiple of 64 (the SWCI scales must line up; default 1024)")
     g.add_argument("--batch-size", type=int, default=4, help="images per process and step (default 4; even for CutMix)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--epochs", type=int, default=100, help="epochs (default 100)")
@@ -71,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bde-lr-scale", type=float, default=10.0, help="lr factor of the BDE projection (default 10)")
     g.add_argument("--lr-decay", type=float, default=0.95, help="lr factor every --lr-decay-epochs (default 0.95)")
     g.add_argument("--lr-decay-epochs", type=int, default=30, help="epochs between lr decays (default 30)")
-    g.add_argument("--lr-schedule", choices=["step", "authors"], default="step",
-                   help="step: lr × decay^(epoch // 30), as the paper says; authors: their code's compounding decay")
+    g.add_argument("--lr-schedule", choices=["authors", "step"], default="authors",
+                   help="authors (default): their code's decay, after epoch e the lr is multiplied by "
+                        "decay^(e // 30), which compounds from epoch 30 on; step: lr × decay^(epoch // 30), "
+                        "as the paper words it")
     g.add_argument("--max-grad-norm", type=float, default=0.0,
                    help="clip gradients to this norm (default 0: off, as the paper)")
     g.add_argument("--edge-weight", type=float, default=1.0, help="weight of the edge loss (default 1)")
@@ -91,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision (default: accelerate's config, else no = fp32 as the paper)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on CUDA (default on)")
+                   help="TF32 matmuls and convolutions on CUDA (default on: faster on Ampere and newer, about "
+                        "10 bits of mantissa in those products; --no-tf32 for full fp32 as the paper's setting)")
     g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers")
     g = p.add_argument_group("logging, checkpoints, validation")
     g.add_argument("--log-every", type=int, default=10, help="steps between train_log.jsonl lines (default 10)")
@@ -103,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validate-every", type=int, default=0, help="steps between validations (default 0: none)")
     g.add_argument("--val-dataset", help="dataset for validation (default --dataset)")
     g.add_argument("--val-split", default="DIS-VD", help="validation split (default DIS-VD)")
-    g.add_argument("--val-resolution", type=int, default=None, help="validation processing size (default --resolution)")
+    g.add_argument("--val-resolution", type=int, default=None,
+                   help="validation processing size, a multiple of 64, of 256 with --val-tta (default --resolution)")
     g.add_argument("--val-max-images", type=int, default=None, help="validate on the first N images only")
     g.add_argument("--val-tta", action="store_true", help="validate with the authors' test-time augmentation")
     g.add_argument("--val-hce", action="store_true", help="also compute HCE in validation (slow)")
@@ -116,15 +131,15 @@ def check_args(args: argparse.Namespace) -> None:
             bound = ">= 0" if allow_zero else "positive"
             raise DiffDISError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
-    if args.resolution < 8 or args.resolution % 8:
-        raise DiffDISError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    check_processing_res(args.resolution, name="--resolution")
     for name in ("batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "log_every", "checkpoint_every",
                  "lr", "lr_decay_epochs"):
         positive(name, getattr(args, name))
     for name in ("keep_checkpoints", "validate_every", "max_grad_norm", "edge_weight", "num_workers", "lr_decay"):
         positive(name, getattr(args, name), allow_zero=True)
-    if args.val_resolution is not None and (args.val_resolution < 8 or args.val_resolution % 8):
-        raise DiffDISError(f"--val-resolution must be a positive multiple of 8, got {args.val_resolution}")
+    if args.validate_every:
+        name = "--val-resolution" if args.val_resolution is not None else "--resolution (the validation size)"
+        check_processing_res(args.val_resolution or args.resolution, tta=args.val_tta, name=name)
     if not args.no_cutmix and args.batch_size % 2:
         raise DiffDISError(f"CutMix mixes the images of each pair in a batch: --batch-size must be even "
                            f"(got {args.batch_size}), or pass --no-cutmix")
@@ -137,21 +152,103 @@ def check_args(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- output folder
 def checkpoints_in(output: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (their state file is written last, before the rename), oldest first."""
+    """The checkpoint-<step> folders, oldest first. A checkpoint only gets that name once complete (it is
+    written as .checkpoint-<step>.partial and renamed); ``check_checkpoint`` tells whether it was damaged since."""
     found = []
     if output.is_dir():
         for path in output.iterdir():
             match = CHECKPOINT_NAME.match(path.name)
-            if match and (path / STATE_FILE).is_file():
+            if match and path.is_dir():
                 found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def read_training_state(folder: Path) -> dict:
+    """A checkpoint's training_state.json, checked (DiffDISError naming the file otherwise)."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DiffDISError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DiffDISError(f"{path} is not valid JSON ({error})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or step < 0 or not isinstance(state.get("identity"), dict):
+        raise DiffDISError(f"{path} does not hold a training state (a step and the run's settings)")
+    return state
+
+
+def check_checkpoint(folder: Path) -> dict:
+    """The checkpoint's training state if all its files are there and whole; otherwise DiffDISError naming
+    the first damaged file. Cheap: file headers only (a truncated zip or safetensors file fails here)."""
+    from safetensors import safe_open
+
+    state = read_training_state(folder)
+    if state["step"] != int(CHECKPOINT_NAME.match(folder.name).group(1)):
+        raise DiffDISError(f"{folder / STATE_FILE} is for step {state['step']}, not the folder's step")
+    config = folder / "unet" / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DiffDISError(f"{config} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DiffDISError(f"{config} is not valid JSON ({error})") from None
+    weights = folder / "unet" / UNET_WEIGHTS_NAMES[0]
+    if not weights.is_file():
+        raise DiffDISError(f"{weights} is missing")
+    try:
+        with safe_open(weights, "pt"):
+            pass
+    except Exception as error:  # safetensors raises its own error type for a truncated or garbled file
+        raise DiffDISError(f"{weights} is truncated or damaged ({str(error).splitlines()[0]})") from None
+    processes = state["identity"].get("num_processes", 1)
+    if not isinstance(processes, int) or processes < 1:
+        raise DiffDISError(f"{folder / STATE_FILE} does not hold a training state (num_processes {processes!r})")
+    for name in ("optimizer.bin", "scheduler.bin", *(f"random_states_{rank}.pkl" for rank in range(processes))):
+        path = folder / name
+        if not path.is_file():
+            raise DiffDISError(f"{path} is missing")
+        try:  # torch.save writes a zip archive; its index is at the end, so a truncated file has none
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile) as error:
+            raise DiffDISError(f"{path} is truncated or damaged ({error})") from None
+    return state
+
+
+def choose_checkpoint(output: Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest undamaged checkpoint and its state, and (folder, what is wrong) for each newer damaged one.
+
+    Raises DiffDISError when there are checkpoints but none is whole."""
+    damaged: list[tuple[Path, str]] = []
+    for _, folder in reversed(checkpoints_in(output)):
+        try:
+            return folder, check_checkpoint(folder), damaged
+        except DiffDISError as problem:
+            damaged.append((folder, str(problem)))
+    if damaged:
+        more = f" (and {len(damaged) - 1} older checkpoint(s) are damaged too)" if len(damaged) > 1 else ""
+        raise DiffDISError(f"cannot resume: {damaged[0][1]}{more}; start over with --overwrite")
+    return None, None, []
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint so it is never resumed from again (kept for inspection)."""
+    target = folder.with_name(folder.name + ".damaged")
+    index = 1
+    while target.exists():
+        index += 1
+        target = folder.with_name(f"{folder.name}.damaged{index}")
+    os.replace(folder, target)
+    return target
 
 
 def previous_run_files(output: Path) -> list[Path]:
     if not output.is_dir():
         return []
     return sorted(p for p in output.iterdir()
-                  if CHECKPOINT_NAME.match(p.name) or p.name in (FINAL_DIR, LOG_FILE, VAL_LOG_FILE)
+                  if CHECKPOINT_NAME.match(p.name) or DAMAGED_NAME.match(p.name)
+                  or p.name in (FINAL_DIR, LOG_FILE, VAL_LOG_FILE)
                   or (p.name.startswith(".checkpoint-") and p.name.endswith(".partial")))
 
 
@@ -165,8 +262,14 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log lines after ``step`` (work lost with the run that was killed)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by the kill
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
@@ -227,15 +330,23 @@ def load_training_start(pretrained: str, base: str | None, random_init: bool):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train(args: argparse.Namespace) -> Path:
+@dataclass
+class TrainResult:
+    final: Path  # the model folder written by the main process
+    steps: int
+    unet: Any  # this process's trained DiffDISUNet (every rank holds the same weights)
+
+
+def train(args: argparse.Namespace) -> TrainResult:
     import numpy as np
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     from diffdis_core import DiffDISPipeline, DiffDISUNet
-    from training.data import (
+    from diffdis_core.distributed import make_accelerator
+
+    from .data import (
         Augmentation,
         CutMixCollate,
         DISTrainDataset,
@@ -245,9 +356,9 @@ def train(args: argparse.Namespace) -> Path:
         prepare_edge_maps,
         split_folder,
     )
-    from training.evaluate import gather_partials, predict_and_score
-    from training.metrics import combine
-    from training.recipe import (
+    from .evaluate import gather_partials, predict_and_score
+    from .metrics import combine
+    from .recipe import (
         encode_batch,
         gaussian_noise_like,
         lr_multiplier,
@@ -267,10 +378,11 @@ def train(args: argparse.Namespace) -> Path:
                            "--overwrite to delete it and start over, or choose another --output")
 
     try:
-        accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                  step_scheduler_with_optimizer=False,  # stepped once per optimizer update below
-                                  project_config=ProjectConfiguration(project_dir=str(output)))
+        # Every launched process is one rank: GPUs, or CPU processes with gloo where there is no GPU.
+        accelerator = make_accelerator(mixed_precision=args.mixed_precision,
+                                       gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                       step_scheduler_with_optimizer=False,  # stepped once per optimizer update
+                                       project_config=ProjectConfiguration(project_dir=str(output)))
     except (ValueError, RuntimeError) as error:
         raise DiffDISError(f"accelerate could not set up this run: {str(error).splitlines()[0]}") from None
     main_process = accelerator.is_main_process
@@ -290,9 +402,7 @@ def train(args: argparse.Namespace) -> Path:
             raise DiffDISError(f"validation would use the training images ({val_folder}); give --val-dataset")
         val_samples = find_pairs(val_folder)[: args.val_max_images]
 
-    checkpoints = checkpoints_in(output)
-    resume_from = checkpoints[-1][1] if args.resume and checkpoints else None
-    resume_state = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else None
+    resume_from, resume_state, damaged = choose_checkpoint(output) if args.resume else (None, None, [])
     identity = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "seed": args.seed, "num_processes": accelerator.num_processes, "train_samples": len(train_samples)}
     if resume_state is not None:
@@ -308,15 +418,17 @@ def train(args: argparse.Namespace) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         for stale in output.glob(".checkpoint-*.partial"):  # a crash mid-save; the checkpoint before it is intact
             shutil.rmtree(stale)
+        for folder, problem in damaged:
+            aside = set_aside(folder)
+            say(f"{problem}: resuming from {resume_from.name} instead (the damaged one is now {aside.name})")
         if args.resume and resume_from is None:
             say(f"no checkpoint in {output}: starting from step 0")
             for log in (LOG_FILE, VAL_LOG_FILE):
                 (output / log).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    set_seed(args.seed)  # the new layers' initialisation (BDE projection, SWCI input convs)
-    if args.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():  # TF32 on by default (--no-tf32: full fp32 products, as the paper)
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
 
     edge_folder = edge_cache_folder(args.edge_cache or output / "edge_cache", train_folder)
     if main_process:
@@ -325,6 +437,9 @@ def train(args: argparse.Namespace) -> Path:
             say(f"wrote {made} edge map(s) to {edge_folder}")
     accelerator.wait_for_everyone()
 
+    # Seeded here, after everything that may or may not run (the edge maps only on a fresh cache, and only
+    # on the main process): the same seed is the same run, on every rank, whatever was cached.
+    set_seed(args.seed)  # the new layers' initialisation (BDE projection, SWCI input convs)
     base = None if str(args.base).lower() == "none" else args.base
     unet, vae, scheduler, embed, how = load_training_start(args.pretrained, base, args.random_init)
     say(how)
@@ -379,7 +494,12 @@ def train(args: argparse.Namespace) -> Path:
     if resume_from is not None:
         # accelerate's own state files (optimizer, scheduler, RNG), written by this script; loaded with
         # weights_only unpickling. The UNet is read from unet/ (safetensors) by load_hook.
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as error:  # files that looked whole but do not load (damaged inside)
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DiffDISError(f"could not load {resume_from} ({detail}); move it out of {output} to resume from "
+                               "an earlier checkpoint, or start over with --overwrite") from None
         global_step = int(resume_state["step"])
         if main_process:
             for log in (LOG_FILE, VAL_LOG_FILE):
@@ -517,7 +637,8 @@ def train(args: argparse.Namespace) -> Path:
               + (f"{kept[-1][1].name} is intact: continue with --resume" if kept else "no checkpoint yet"),
               file=sys.stderr)
         raise
-    progress.close()
+    finally:
+        progress.close()  # also before an error's message (e.g. an unreadable image)
 
     if last_saved != global_step:
         save_checkpoint(global_step)  # lets a finished run be extended with --resume --max-steps
@@ -540,7 +661,7 @@ def train(args: argparse.Namespace) -> Path:
         say(f"done: {global_step} steps; model in {final} (DiffDISPipeline.from_pretrained('{final}', base=None))")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return final
+    return TrainResult(final, global_step, accelerator.unwrap_model(unet))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args)
     except DiffDISError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
