@@ -261,3 +261,11 @@ def test_save_pretrained_gives_a_loadable_complete_folder(tmp_path, tiny_pipelin
     image, noise = random_image(16, 16), torch.randn(1, 4, 8, 8)
     assert torch.allclose(again(image, processing_res=RES, latents=noise).mask,
                           tiny_pipeline(image, processing_res=RES, latents=noise).mask, atol=1e-6)
+
+
+def test_model_cpu_offload_runs_through_the_hooks(official_tiny, tiny_pipeline):
+    pipe = DiffDISPipeline.from_pretrained(official_tiny, base=None)
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks' plumbing; on a GPU they also move the weights
+    image, noise = random_image(16, 16), torch.randn(1, 4, 8, 8)
+    offloaded = pipe(image, processing_res=RES, latents=noise).mask
+    assert torch.allclose(offloaded, tiny_pipeline(image, processing_res=RES, latents=noise).mask, atol=1e-6)
