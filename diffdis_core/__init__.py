@@ -17,9 +17,11 @@ from .errors import DiffDISError
 _LAZY = {
     "DiffDISCondition": "pipeline", "DiffDISLatents": "pipeline", "DiffDISOutput": "pipeline",
     "DiffDISPipeline": "pipeline", "SegmentationView": "pipeline", "DiffDISUNet": "unet",
+    "cutout_rgba": "matting", "estimate_foreground": "matting", "refine_alpha": "matting",
 }
 
 if TYPE_CHECKING:
+    from .matting import cutout_rgba, estimate_foreground, refine_alpha
     from .pipeline import DiffDISCondition, DiffDISLatents, DiffDISOutput, DiffDISPipeline, SegmentationView
     from .unet import DiffDISUNet
 
