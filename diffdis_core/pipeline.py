@@ -28,6 +28,7 @@ from .devices import pick_dtype, reuse_freed_memory, vae_dtype
 from .ensemble import ENSEMBLE_METHODS, ensemble_maps
 from .errors import DiffDISError
 from .image_io import pil_to_rgb_tensor
+from .matting import refine_alpha
 from .loading import ModelSources
 from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, TTA_VIEWS, check_processing_res
 from .text import save_empty_embedding
@@ -414,7 +415,8 @@ class DiffDISPipeline(DiffusionPipeline):
     @torch.inference_mode()
     @_reusing_freed_memory
     def decode(self, latents: DiffDISLatents, decode_edge: bool = True, minmax: bool = True,
-               output_size: bool = True, ensemble: str = "median", batch_size: int | None = None) -> DiffDISOutput:
+               output_size: bool = True, ensemble: str = "median", batch_size: int | None = None,
+               refine_edges_with: Sequence[torch.Tensor] | None = None) -> DiffDISOutput:
         """Maps from latents, as the authors make them: per view, combine the draws (``ensemble``:
         ``median`` = their scale-and-shift-aligned median, or ``mean``), min-max (``minmax``), undo the
         view's flip and scale (plain bilinear), average the views; then resize to each input's size
@@ -422,6 +424,8 @@ class DiffDISPipeline(DiffusionPipeline):
 
         ``batch_size``: latents decoded at once (default: one draw of one view, that is the batch's
         mask and edge), so ensembling and TTA need no more memory than one plain run.
+        ``refine_edges_with``: the input images ([3, H, W] each): masks are brought to a larger input's
+        size along its edges (``diffdis_core.matting.refine_alpha``) instead of bilinearly.
         """
         if ensemble not in ENSEMBLE_METHODS:
             raise DiffDISError(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {ensemble!r}")
@@ -442,24 +446,31 @@ class DiffDISPipeline(DiffusionPipeline):
                     combined = F.interpolate(combined, size=square, mode="bilinear", align_corners=False)
                 sums[kind] = combined if kind not in sums else sums[kind] + combined
         count = len(latents.views)
-        mask = self._to_input_sizes(sums["mask"] / count, latents.sizes, output_size)
+        mask = self._to_input_sizes(sums["mask"] / count, latents.sizes, output_size, refine_edges_with)
         edge = self._to_input_sizes(sums["edge"] / count, latents.sizes, output_size) if decode_edge else None
         return DiffDISOutput(mask=mask, edge=edge)
 
     @staticmethod
-    def _to_input_sizes(maps: torch.Tensor, sizes: list[tuple[int, int]], output_size: bool):
+    def _to_input_sizes(maps: torch.Tensor, sizes: list[tuple[int, int]], output_size: bool,
+                        guides: Sequence[torch.Tensor] | None = None):
         if not output_size:
             return maps
-        if len(set(sizes)) == 1:
-            return resize(maps, sizes[0]).clamp(0, 1)
-        return [resize(m[None], size).clamp(0, 1) for m, size in zip(maps, sizes, strict=True)]
+        if guides is not None:
+            if len(guides) != len(sizes):
+                raise DiffDISError(f"refine_edges_with: give one image per input ({len(sizes)}), got {len(guides)}")
+            per_image = [refine_alpha(_to_unit_float(guide[None]).to(m.device), m[None])
+                         for m, guide in zip(maps, guides, strict=True)]
+        else:
+            per_image = [resize(m[None], size).clamp(0, 1) for m, size in zip(maps, sizes, strict=True)]
+        return torch.cat(per_image) if len(set(sizes)) == 1 else per_image
 
     @torch.inference_mode()
     @_reusing_freed_memory
     def __call__(self, image: ImageInput, processing_res: int = 1024, latents: NoiseInput | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None, ensemble_size: int = 1,
                  ensemble: str = "median", tta: bool = False, decode_edge: bool = True, minmax: bool = True,
-                 output_size: bool = True, callback: Callable[[], None] | None = None) -> DiffDISOutput:
+                 output_size: bool = True, refine_edges: bool = False,
+                 callback: Callable[[], None] | None = None) -> DiffDISOutput:
         """Segment ``image``: PIL image(s), a uint8 HWC array, or a [B, 3, H, W] tensor (float in [0, 1]
         or uint8).
 
@@ -467,16 +478,19 @@ class DiffDISPipeline(DiffusionPipeline):
         ``ensemble_size`` noise draws per view are combined by ``ensemble`` (``median``: the authors'
         aligned median; ``mean``). ``tta``: the authors' six flip x scale views. ``latents``: see
         ``segment``. ``minmax``: the authors' per-map min-max normalisation. ``output_size=False``
-        keeps the maps at the processing size.
+        keeps the maps at the processing size. ``refine_edges``: masks of inputs larger than the
+        processing size follow the image's edges at full size (``diffdis_core.refine_alpha``) instead of
+        being enlarged bilinearly (off by default: the authors' maps).
         """
         check_processing_res(processing_res, tta=tta)
         if ensemble not in ENSEMBLE_METHODS:
             raise DiffDISError(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {ensemble!r}")
-        condition = self.encode_condition(image, processing_res, keep_image=tta)
+        images = to_image_batch(image)
+        condition = self.encode_condition(images, processing_res, keep_image=tta)
         segmented = self.segment(condition, latents=latents, generator=generator, ensemble_size=ensemble_size,
                                  tta=tta, callback=callback)
         output = self.decode(segmented, decode_edge=decode_edge, minmax=minmax, output_size=output_size,
-                             ensemble=ensemble)
+                             ensemble=ensemble, refine_edges_with=images if refine_edges else None)
         self.maybe_free_model_hooks()
         return output
 

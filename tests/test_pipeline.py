@@ -269,3 +269,19 @@ def test_model_cpu_offload_runs_through_the_hooks(official_tiny, tiny_pipeline):
     image, noise = random_image(16, 16), torch.randn(1, 4, 8, 8)
     offloaded = pipe(image, processing_res=RES, latents=noise).mask
     assert torch.allclose(offloaded, tiny_pipeline(image, processing_res=RES, latents=noise).mask, atol=1e-6)
+
+
+def test_refine_edges_brings_masks_to_large_inputs_along_their_edges(tiny_pipeline):
+    big = random_image(150, 200)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = tiny_pipeline(big, processing_res=RES, latents=noise, decode_edge=False).mask
+    refined = tiny_pipeline(big, processing_res=RES, latents=noise, decode_edge=False, refine_edges=True).mask
+    square = tiny_pipeline(big, processing_res=RES, latents=noise, decode_edge=False, output_size=False).mask
+    from diffdis_core import refine_alpha
+
+    expected = refine_alpha(torch.from_numpy(np.array(big)).permute(2, 0, 1)[None].float() / 255, square)
+    assert refined.shape == plain.shape == (1, 1, 150, 200)
+    assert torch.allclose(refined, expected, atol=1e-6)
+    assert (refined - plain).abs().max() > 1e-3  # the refinement did something
+    mixed = tiny_pipeline([big, random_image(20, 30)], processing_res=RES, refine_edges=True, decode_edge=False)
+    assert [tuple(m.shape) for m in mixed.mask] == [(1, 1, 150, 200), (1, 1, 20, 30)]
