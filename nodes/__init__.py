@@ -5,6 +5,7 @@ Nothing heavy happens at import: the core (and diffusers) is imported when a nod
 """
 
 from .apply_alpha import DiffDISApplyAlpha
+from .cutout import DiffDISRemoveBackground
 from .loader import DiffDISLoader
 from .segmentation import DiffDISDecode, DiffDISEncodeCondition, DiffDISOneStepSegment
 from .services import register_model_folder
@@ -16,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "DiffDISOneStepSegment": DiffDISOneStepSegment,
     "DiffDISDecode": DiffDISDecode,
     "DiffDISApplyAlpha": DiffDISApplyAlpha,
+    "DiffDISRemoveBackground": DiffDISRemoveBackground,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,6 +26,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffDISOneStepSegment": "DiffDIS One-Step Segment",
     "DiffDISDecode": "DiffDIS Decode Mask/Edge",
     "DiffDISApplyAlpha": "DiffDIS Apply Alpha",
+    "DiffDISRemoveBackground": "DiffDIS Remove Background",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-
 from . import tensors
-from .checks import check_choice, check_float, check_int
-from .services import CATEGORY
+from .checks import check_float, check_int
+from .services import CATEGORY, SEARCH_ALIASES
 
-BACKGROUNDS = ["alpha", "white", "black", "gray", "green", "custom"]
+BACKGROUNDS = tensors.BACKGROUNDS
 
 
 class DiffDISApplyAlpha:
+    SEARCH_ALIASES = [*SEARCH_ALIASES, "apply mask", "transparent background", "replace background", "composite",
+                      "join image with alpha"]
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -21,14 +22,8 @@ class DiffDISApplyAlpha:
                     "tooltip": "Foreground = 1, as DiffDIS Decode gives it. Note: core Join Image with Alpha expects "
                                "the inverse (it computes alpha = 1 - mask); this node takes the mask as is. A mask of "
                                "another size is resized to the image; one mask is reused for every image."}),
-                "background": (BACKGROUNDS, {
-                    "default": "alpha",
-                    "tooltip": "alpha: an RGBA image with the mask as transparency (Save Image writes an RGBA PNG). "
-                               "white / black / gray / green (#00FF00) / custom: an RGB image with the background "
-                               "replaced by that colour."}),
-                "custom_color": ("STRING", {
-                    "default": "#3366CC",
-                    "tooltip": "The background colour for 'custom': #RRGGBB, #RGB or R, G, B (0-255)."}),
+                "background": (BACKGROUNDS, {"default": "alpha", "tooltip": tensors.BACKGROUND_TOOLTIP}),
+                "custom_color": ("STRING", {"default": "#3366CC", "tooltip": tensors.CUSTOM_COLOR_TOOLTIP}),
                 "mask_blur": ("INT", {
                     "default": 0, "min": 0, "max": 256, "step": 1,
                     "tooltip": "Feather the mask edge with a Gaussian of this radius in pixels (0 = off)."}),
@@ -56,21 +51,13 @@ class DiffDISApplyAlpha:
 
     def apply(self, image, mask, background: str, custom_color: str, mask_blur: int, mask_expand: int,
               threshold: float, invert: bool):
-        check_choice("background", background, BACKGROUNDS)
+        color = tensors.background_color(background, custom_color)
         mask_blur = check_int("mask_blur", mask_blur, 0, 256)
         mask_expand = check_int("mask_expand", mask_expand, -256, 256)
         threshold = check_float("threshold", threshold, 0.0, 1.0)
-        color = None if background == "alpha" else (
-            tensors.parse_color(custom_color) if background == "custom" else tensors.NAMED_BACKGROUNDS[background])
         rgb = tensors.image_to_rgb(image)
         mask = tensors.to_mask(mask).to(rgb.device)
         rgb, mask = tensors.match_batch(rgb, mask)
         mask = tensors.resize_mask(mask, tuple(rgb.shape[1:3]))
         mask = tensors.refine_mask(mask, threshold, bool(invert), mask_expand, mask_blur)
-        alpha = mask[..., None]
-        if color is None:
-            out = torch.cat([rgb, alpha], dim=-1)
-        else:
-            fill = torch.tensor(color, dtype=rgb.dtype, device=rgb.device)
-            out = rgb * alpha + fill * (1 - alpha)
-        return out, mask
+        return tensors.apply_background(rgb, mask, color), mask

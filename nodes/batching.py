@@ -1,13 +1,16 @@
-"""Running a batch (e.g. video frames) through a stage in chunks that fit in memory.
+"""Running a batch (e.g. video frames) through a stage in chunks that fit in memory and time.
 
-Chunk sizes follow ComfyUI's own VAE: estimate the bytes one image needs, ask how much memory is
-free on the device, and take as many images as fit. A chunk that still runs out of memory is split
-in half and retried. Cancel is honoured between chunks.
+Memory: like ComfyUI's own VAE, estimate the bytes one image needs, ask how much memory is free on
+the device, and take at most as many images as fit; a chunk that still runs out of memory is split
+in half and retried. Time: the first chunk is one image, and later chunks hold as many images as
+run in about ``TARGET_CHUNK_SECONDS``, so progress moves and Cancel (checked before every
+convolution, see ``services.cancellable``) lands within seconds on a CPU too.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,7 +20,10 @@ from . import services
 
 T = TypeVar("T")
 
-MAX_CHUNK = 32  # more images per call rarely helps, and progress and cancel stay responsive
+MAX_CHUNK = 32  # more images per call rarely helps
+# Wall time a chunk aims at (None: chunks by memory only). One convolution of a chunk is a small part
+# of it, and that is how long Cancel can take.
+TARGET_CHUNK_SECONDS: float | None = 2.0
 TTA_MAX_SCALE = 1.25  # the largest test-time-augmentation view (diffdis_core.pipeline.TTA_VIEWS)
 
 # ComfyUI's estimates for the SD AutoencoderKL (comfy/sd.py), bytes per pixel per byte of dtype.
@@ -51,43 +57,41 @@ def chunk_size(bytes_per_image: int, device: torch.device) -> int:
     return max(1, min(MAX_CHUNK, services.free_memory(device) // max(1, bytes_per_image)))
 
 
-def run_in_chunks(count: int, chunk: int, work: Callable[[int, int], T]) -> list[T]:
-    """``work(start, stop)`` over ``range(count)`` in chunks of at most ``chunk`` items."""
+def run_in_chunks(count: int, max_chunk: int, work: Callable[[int, int], T]) -> list[T]:
+    """``work(start, stop)`` over ``range(count)`` in chunks of at most ``max_chunk`` items (memory),
+    sized by the time the items so far took (``TARGET_CHUNK_SECONDS``)."""
     results: list[T] = []
+    chunk = max_chunk if TARGET_CHUNK_SECONDS is None else 1
     start = 0
+    seconds = 0.0  # time taken by the items done so far
     while start < count:
         services.check_interrupted()
         stop = min(start + chunk, count)
+        began = time.perf_counter()
         try:
             results.append(work(start, stop))
-            start = stop
-            continue
         except services.OUT_OF_MEMORY:
             if stop - start == 1:
                 raise  # ComfyUI reports out-of-memory with its own advice (unload models, lower sizes)
-        # Retried outside the except block, so the failed chunk's tensors can be freed first.
-        chunk = max(1, (stop - start) // 2)
-        services.empty_cache()
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:
+            # Retried outside the except block, so the failed chunk's tensors can be freed first.
+            max_chunk = chunk = max(1, (stop - start) // 2)
+            services.empty_cache()
+            continue
+        seconds += time.perf_counter() - began
+        start = stop
+        if TARGET_CHUNK_SECONDS is not None:
+            per_item = seconds / start
+            chunk = int(TARGET_CHUNK_SECONDS // per_item) if per_item > 0 else max_chunk
+        chunk = max(1, min(chunk, max_chunk))
     return results
 
 
 # ---------------------------------------------------------------------------- chunks of core results
-# DiffDISCondition / DiffDISLatents are rebuilt with type(x)(...) so this module need not import the core.
-def slice_condition(cond, start: int, stop: int, device: torch.device | None = None,
-                    image_dtype: torch.dtype | None = None, latent_dtype: torch.dtype | None = None):
-    """Images ``start:stop`` of a DiffDISCondition, optionally moved and cast for another pipeline."""
-    return type(cond)(cond.image[start:stop].to(device=device, dtype=image_dtype),
-                      [latent[start:stop].to(device=device, dtype=latent_dtype) for latent in cond.rgb_latents],
-                      list(cond.sizes[start:stop]))
-
-
-def concat_conditions(parts: list):
-    first = parts[0]
-    return type(first)(torch.cat([p.image for p in parts]),
-                       [torch.cat(scale) for scale in zip(*(p.rgb_latents for p in parts), strict=True)],
-                       [size for p in parts for size in p.sizes])
-
-
+# DiffDISLatents are rebuilt with type(x)(...) so this module need not import the core.
 def slice_latents(latents, start: int, stop: int, device: torch.device | None = None):
     """Images ``start:stop`` of a DiffDISLatents (each view holds [draws, B, 4, h, w])."""
     views = [type(view)(view.mask_latents[:, start:stop].to(device=device),

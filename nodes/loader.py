@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from . import models
-from .services import CATEGORY
+from .cutout import DiffDISBackgroundRemoval
+from .services import CATEGORY, SEARCH_ALIASES
 
 
 class DiffDISLoader:
+    SEARCH_ALIASES = [*SEARCH_ALIASES, "load diffdis", "background removal model", "model loader"]
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -14,12 +17,14 @@ class DiffDISLoader:
                 "model": (models.list_models(), {
                     "tooltip": "A model folder in ComfyUI/models/diffdis (unet/, vae/, scheduler/, "
                                f"{models.EMBED_FILE}). '{models.DOWNLOAD_ENTRY}' fetches the released weights "
-                               f"into models/diffdis/{models.DOWNLOAD_FOLDER} the first time (about 4 GB plus the "
-                               "1.4 GB text encoder, needed once) and uses that folder offline afterwards."}),
+                               f"into models/diffdis/{models.DOWNLOAD_FOLDER} the first time ({models.DOWNLOAD_SIZE}) "
+                               "and uses that folder offline afterwards."}),
                 "precision": (models.PRECISIONS, {
                     "default": "auto",
-                    "tooltip": "Weight and compute precision. auto follows ComfyUI: fp16 on GPUs that handle it "
-                               "well, fp32 on the CPU. The VAE stays fp32 under fp16 (the SD VAE overflows in fp16)."}),
+                    "tooltip": "Weight and compute precision. auto: the fastest safe one for the device, as ComfyUI "
+                               "judges it on GPUs (bf16 on recent NVIDIA GPUs, else fp16; its --fp16-unet style flags "
+                               "apply), and on the CPU bf16 where the CPU computes it natively, else fp32. The VAE "
+                               "stays fp32 under fp16 (the SD VAE overflows in fp16)."}),
                 "device": (models.DEVICES, {
                     "default": "auto",
                     "tooltip": "auto uses ComfyUI's device (CUDA, Apple MPS, Intel XPU or CPU) and lets ComfyUI "
@@ -27,9 +32,13 @@ class DiffDISLoader:
             }
         }
 
-    RETURN_TYPES = ("DIFFDIS_MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The DiffDIS UNet and VAE, managed by ComfyUI (Unload Models frees them).",)
+    # Slot 0 stays DIFFDIS_MODEL (saved workflows link to it). BACKGROUND_REMOVAL is ComfyUI's own type
+    # (>= 0.21); older ComfyUIs just have nothing to connect it to.
+    RETURN_TYPES = ("DIFFDIS_MODEL", "BACKGROUND_REMOVAL")
+    RETURN_NAMES = ("model", "bg_removal_model")
+    OUTPUT_TOOLTIPS = ("The DiffDIS UNet and VAE, managed by ComfyUI (Unload Models frees them).",
+                       "The same model for ComfyUI's own Remove Background node (ComfyUI 0.21 and newer): a "
+                       "mask at processing size 1024, seed 0. DiffDIS Remove Background has the options.")
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads DiffDIS (ICLR 2025), a one-step diffusion model (fine-tuned SD-Turbo) for high-precision "
@@ -38,4 +47,5 @@ class DiffDISLoader:
                    "loaded without touching the network.")
 
     def load(self, model: str, precision: str, device: str):
-        return (models.load(model, precision, device),)
+        loaded = models.load(model, precision, device)
+        return loaded, DiffDISBackgroundRemoval(loaded)

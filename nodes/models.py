@@ -3,11 +3,14 @@ handed to ComfyUI's memory management."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import torch
+
+from diffdis_core import devices, spec
 
 from . import services
 from .checks import check_choice, core, error
@@ -15,18 +18,16 @@ from .checks import check_choice, core, error
 if TYPE_CHECKING:
     from diffdis_core import DiffDISPipeline
 
-DOWNLOAD_REPO = "qianyu1217/diffdis"  # diffdis_core.hub.DEFAULT_MODEL (kept literal: importing the core is slow)
+DOWNLOAD_REPO = spec.DEFAULT_MODEL
 DOWNLOAD_FOLDER = "DiffDIS"  # where the download entry puts the model, inside the first models/diffdis folder
 DOWNLOAD_ENTRY = f"{DOWNLOAD_REPO} (download on first use)"  # saved in workflows: keep it stable
+# Said the same way in the tooltip, the workflows' notes, docs/comfyui.md and the README.
+DOWNLOAD_SIZE = "3.65 GB UNet + 335 MB VAE, plus the 1.36 GB text encoder once, to cache the empty-prompt embedding"
 
-UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-EMBED_FILE = "empty_text_embed.safetensors"
-# What the download fetches: the text encoder only when the empty-prompt embedding is not cached yet.
-DOWNLOAD_FILES = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                  "vae/diffusion_pytorch_model.safetensors", "scheduler/*"]
-TEXT_ENCODER_FILES = ["text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/*"]
+UNET_WEIGHTS = spec.UNET_WEIGHTS_NAMES
+EMBED_FILE = spec.EMPTY_EMBED_FILE
 
-PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+PRECISIONS = list(devices.DTYPE_CHOICES)
 DEVICES = ["auto", "cpu"]
 
 TREE_HELP = ("<name>/unet/{config.json, diffusion_pytorch_model.safetensors}, "
@@ -100,7 +101,7 @@ def downloaded_model() -> Path:
         if (root / DOWNLOAD_FOLDER).is_dir() and not missing_files(root / DOWNLOAD_FOLDER):
             return root / DOWNLOAD_FOLDER
     target = roots[0] / DOWNLOAD_FOLDER
-    files = DOWNLOAD_FILES + ([] if (target / EMBED_FILE).is_file() else TEXT_ENCODER_FILES)
+    files = spec.MODEL_FILES + ([] if (target / EMBED_FILE).is_file() else spec.TEXT_ENCODER_FILES)
     diffdis_core = core()
     from diffdis_core import hub
 
@@ -170,13 +171,27 @@ class DiffDISModel:
             services.load_model(self.patcher, memory_required)
         else:
             self.pipeline.to(self.load_device)
-        pipe = self.pipeline
-        # The embedding is a plain tensor, not part of the modules ComfyUI moves.
-        pipe.empty_text_embed = pipe.empty_text_embed.to(pipe.device)
-        return pipe
+        return self.pipeline  # its empty-prompt embedding follows the UNet at each call
 
     def __repr__(self) -> str:
         return f"DiffDISModel({self.name!r}, {self.load_device}, {self.dtype})"
+
+
+def unet_parameter_count(folder: Path) -> int:
+    """The UNet's parameter count, read from its safetensors header (no weights loaded): ComfyUI's
+    precision heuristics weigh it against the free memory."""
+    from safetensors import safe_open
+
+    weights = next(folder / "unet" / name for name in UNET_WEIGHTS if (folder / "unet" / name).is_file())
+    with safe_open(str(weights), framework="pt") as tensors:
+        return sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+
+
+def set_memory_format(pipeline: DiffDISPipeline, device: torch.device) -> None:
+    """Choose the layout for the device the model will run on, not the one it is loaded on: ComfyUI
+    moves the modules there later and keeps their layout. Channels-last except on Apple MPS, the
+    core's rule (DiffDISPipeline.to)."""
+    pipeline.set_channels_last(device.type in ("cpu", "cuda"))
 
 
 def load(name: str, precision: str, device: str) -> DiffDISModel:
@@ -186,7 +201,8 @@ def load(name: str, precision: str, device: str) -> DiffDISModel:
     check_choice("device", device, DEVICES)
     folder = model_folder(name)
     load_device, offload_device = services.choose_devices(device)
-    dtype = services.choose_dtype(precision, load_device)
+    dtype = services.choose_dtype(precision, load_device, unet_parameter_count(folder))
     # base=None: everything comes from the folder, so nothing is fetched from the Hub.
     pipeline = core().DiffDISPipeline.from_pretrained(folder, base=None, torch_dtype=dtype, device=offload_device)
+    set_memory_format(pipeline, load_device)
     return DiffDISModel(pipeline, name, folder, load_device, offload_device)

@@ -1,30 +1,92 @@
 """The three stages of DiffDIS as nodes: encode the image, one UNet step, decode mask and edge.
 
 Each node is a thin loop over the core pipeline's stage of the same name: it asks ComfyUI to load
-the model, splits the batch into chunks that fit in memory, reports progress, honours cancel, and
-keeps its result on ComfyUI's intermediate device (the CPU) so no VRAM is held between nodes.
+the model, splits the batch into chunks that fit in memory and time, reports progress, honours
+Cancel, and keeps its result on ComfyUI's intermediate device (the CPU) so no VRAM is held between
+nodes. The per-chunk stage functions here are shared with the one-node cutout (cutout.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from diffdis_core import spec
+
 from . import batching, services, tensors
-from .checks import check_int, error
+from .checks import check_choice, check_int, core, error
 from .models import DiffDISModel
-from .services import CATEGORY
+from .services import CATEGORY, SEARCH_ALIASES
 
-MAX_RESOLUTION = 4096
-TTA_VIEW_COUNT = 6  # the authors' flip x 3 scales (diffdis_core.pipeline.TTA_VIEWS)
+MAX_RESOLUTION = spec.MAX_PROCESSING_RES
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MASK_ONLY, MASK_AND_EDGE = "mask only", "mask and edge"
+DECODE_CHOICES = [MASK_ONLY, MASK_AND_EDGE]
 
 
-def _check_model(model) -> DiffDISModel:
+def check_model(model) -> DiffDISModel:
     if not isinstance(model, DiffDISModel):
         raise error(f"model must come from a Load DiffDIS node, got {type(model).__name__}")
     return model
 
 
+def check_processing_res(value, tta: bool = False) -> int:
+    """The core's size rule (a multiple of 64; with TTA of 256), raised as one line on the node."""
+    return spec.check_processing_res(value, tta=tta)
+
+
+@dataclass
+class FrameConditions:
+    """What flows along a DIFFDIS_COND link: the frames' multi-scale RGB latents, on ComfyUI's
+    intermediate device, and the frames themselves as given (a reference to the IMAGE ComfyUI holds
+    anyway, not a copy). The processing-size images are not kept (12.6 MB per 1024² frame): the
+    plain view needs only the latents, and TTA makes its views again from the frames."""
+
+    rgb_latents: list[torch.Tensor]  # [B, 4, R/8 / 2^k, ...] for k = 0..3
+    sizes: list[tuple[int, int]]  # each frame's (height, width)
+    processing_res: int
+    frames: torch.Tensor  # the IMAGE [B, H, W, C] given to Encode Condition
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def generators(seed: int, count: int) -> list[torch.Generator]:
+    # One generator per image, all seeded alike: results depend neither on chunking nor on batch order.
+    return [torch.Generator("cpu").manual_seed(seed) for _ in range(count)]
+
+
+def encode_chunk(pipe, frames: torch.Tensor, processing_res: int, keep_image: bool = True):
+    """The core condition of IMAGE frames (moved to the pipeline's device); ``keep_image`` keeps the
+    processing-size image, which only test-time augmentation needs."""
+    pixels = tensors.image_to_pixels(frames).to(pipe.device)
+    return pipe.encode_condition(pixels, processing_res, keep_image=keep_image)
+
+
+def core_condition(pipe, cond: FrameConditions, start: int, stop: int):
+    """The core's condition for frames ``start:stop`` from the kept latents (no image: no TTA)."""
+    latents = [latent[start:stop].to(device=pipe.device, dtype=pipe.dtype) for latent in cond.rgb_latents]
+    return core().DiffDISCondition(None, latents, list(cond.sizes[start:stop]))
+
+
+def segment_chunk(pipe, condition, seed: int, ensemble: int, tta: bool, after_unet_call):
+    """One-step predictions for a core condition; ``after_unet_call(n)`` after each UNet call of n images."""
+    count = len(condition.sizes)
+    return pipe.segment(condition, generator=generators(seed, count), ensemble_size=ensemble, tta=tta,
+                        callback=lambda: after_unet_call(count))
+
+
+def decode_chunk(pipe, latents, decode_edge: bool, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MASKs [B, H, W] of the mask (and the edge, or None) at the frames' sizes."""
+    out = pipe.decode(latents, decode_edge=decode_edge, minmax=normalize)
+    edge = tensors.maps_to_mask(out.edge) if decode_edge else None
+    return tensors.maps_to_mask(out.mask), edge
+
+
 class DiffDISEncodeCondition:
+    SEARCH_ALIASES = [*SEARCH_ALIASES, "encode image", "condition"]
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -33,9 +95,10 @@ class DiffDISEncodeCondition:
                 "image": ("IMAGE", {"tooltip": "The image(s) to segment; a batch (e.g. video frames) is processed "
                                                "in chunks that fit in memory. An alpha channel is ignored."}),
                 "processing_res": ("INT", {
-                    "default": 1024, "min": 64, "max": MAX_RESOLUTION, "step": 8,
-                    "tooltip": "Side of the square the image is resized to for the model (a multiple of 8). "
-                               "DiffDIS was trained at 1024; the mask is resized back to the image size."}),
+                    "default": 1024, "min": spec.PROCESSING_MULTIPLE, "max": MAX_RESOLUTION,
+                    "step": spec.PROCESSING_MULTIPLE,
+                    "tooltip": "Side of the square the image is resized to for the model: a multiple of 64 (of 256 "
+                               "with TTA). DiffDIS was trained at 1024; the mask is resized back to the image size."}),
             }
         }
 
@@ -48,25 +111,31 @@ class DiffDISEncodeCondition:
                    "processing_res, at four scales. Feed it to DiffDIS One-Step Segment.")
 
     def encode(self, model, image, processing_res: int):
-        model = _check_model(model)
-        processing_res = check_int("processing_res", processing_res, 64, MAX_RESOLUTION, multiple=8)
-        pixels = tensors.image_to_pixels(image)
-        count = pixels.shape[0]
+        model = check_model(model)
+        processing_res = check_processing_res(processing_res)
+        tensors.image_to_rgb(image)  # checks the IMAGE before any work
+        count = image.shape[0] if image.ndim == 4 else 1
+        frames = image if image.ndim == 4 else image[None]
         per_image = batching.encode_bytes(processing_res, model.vae_dtype)
         pipe = model.ready(per_image)
         progress = services.progress_bar(count)
         keep_on = services.intermediate_device()
 
-        def encode_chunk(start: int, stop: int):
-            cond = pipe.encode_condition(pixels[start:stop].to(pipe.device), processing_res).to(keep_on)
+        def encode_part(start: int, stop: int):
+            condition = encode_chunk(pipe, frames[start:stop], processing_res, keep_image=False)
             progress.update(stop - start)
-            return cond
+            return [latent.to(keep_on) for latent in condition.rgb_latents], condition.sizes
 
-        parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), encode_chunk)
-        return (batching.concat_conditions(parts),)
+        with services.cancellable(pipe.vae):
+            parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), encode_part)
+        latents = [torch.cat(scale) for scale in zip(*(p[0] for p in parts), strict=True)]
+        sizes = [size for p in parts for size in p[1]]
+        return (FrameConditions(latents, sizes, processing_res, frames),)
 
 
 class DiffDISOneStepSegment:
+    SEARCH_ALIASES = [*SEARCH_ALIASES, "segment", "one step", "unet"]
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -74,16 +143,18 @@ class DiffDISOneStepSegment:
                 "model": ("DIFFDIS_MODEL", {"tooltip": "From Load DiffDIS."}),
                 "cond": ("DIFFDIS_COND", {"tooltip": "From DiffDIS Encode Condition."}),
                 "seed": ("INT", {
-                    "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                    "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                     "tooltip": "Seed of the starting noise. The same seed gives the same mask; every image of a batch "
                                "starts from the same noise, so a frame's mask does not depend on its batch."}),
                 "ensemble": ("INT", {
                     "default": 1, "min": 1, "max": 16,
-                    "tooltip": "Average this many noise draws (each costs one more UNet step and decode)."}),
+                    "tooltip": "Combine this many noise draws, as the authors do: each aligned by a scale and "
+                               "shift, then their median (each draw costs one more UNet step and decode)."}),
                 "tta": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "The authors' test-time augmentation: horizontal flip x scales 0.75, 1 and 1.25, "
-                               "averaged (six times slower; the setting of the paper's evaluation)."}),
+                               "averaged (about six times slower; the setting of the paper's evaluation). Needs a "
+                               "processing_res that is a multiple of 256."}),
             }
         }
 
@@ -96,37 +167,36 @@ class DiffDISOneStepSegment:
                    "latents together, conditioned on the image. Decode them with DiffDIS Decode Mask/Edge.")
 
     def segment(self, model, cond, seed: int, ensemble: int, tta: bool):
-        model = _check_model(model)
-        if not all(hasattr(cond, a) for a in ("image", "rgb_latents", "sizes")):
+        model = check_model(model)
+        if not isinstance(cond, FrameConditions):
             raise error(f"cond must come from a DiffDIS Encode Condition node, got {type(cond).__name__}")
-        seed = check_int("seed", seed, 0, 0xFFFFFFFFFFFFFFFF)
+        seed = check_int("seed", seed, 0, MAX_SEED)
         ensemble = check_int("ensemble", ensemble, 1, 16)
         tta = bool(tta)
-        count = len(cond.sizes)
-        processing_res = int(cond.image.shape[-1])
-        per_image = batching.segment_bytes(processing_res, model.dtype, model.vae_dtype, tta)
+        if tta:
+            check_processing_res(cond.processing_res, tta=True)
+        count = len(cond)
+        per_image = batching.segment_bytes(cond.processing_res, model.dtype, model.vae_dtype, tta)
         pipe = model.ready(per_image)
-        progress = services.progress_bar(count * ensemble * (TTA_VIEW_COUNT if tta else 1))
+        progress = services.progress_bar(count * ensemble * (len(spec.TTA_VIEWS) if tta else 1))
         keep_on = services.intermediate_device()
 
-        def segment_chunk(start: int, stop: int):
-            part = batching.slice_condition(cond, start, stop, pipe.device, pipe.vae_dtype, pipe.dtype)
-            # One generator per image, all seeded alike: results do not depend on chunking or batch order.
-            generators = [torch.Generator("cpu").manual_seed(seed) for _ in range(stop - start)]
-
-            def after_unet_call():
-                progress.update(stop - start)
-                services.check_interrupted()
-
-            latents = pipe.segment(part, generator=generators, ensemble_size=ensemble, tta=tta,
-                                   callback=after_unet_call)
+        def segment_part(start: int, stop: int):
+            if tta:
+                condition = encode_chunk(pipe, cond.frames[start:stop], cond.processing_res)
+            else:
+                condition = core_condition(pipe, cond, start, stop)
+            latents = segment_chunk(pipe, condition, seed, ensemble, tta, progress.update)
             return batching.slice_latents(latents, 0, stop - start, keep_on)
 
-        parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), segment_chunk)
+        with services.cancellable(pipe.unet, pipe.vae):
+            parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), segment_part)
         return (batching.concat_latents(parts),)
 
 
 class DiffDISDecode:
+    SEARCH_ALIASES = [*SEARCH_ALIASES, "decode mask", "edge map", "matte"]
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -137,36 +207,49 @@ class DiffDISDecode:
                     "default": True,
                     "tooltip": "The authors' per-image min-max normalisation: stretch each map to the full 0..1 "
                                "range. Off: the raw decoded values."}),
-            }
+            },
+            # Optional, so graphs saved before it existed still validate (they decoded both maps).
+            "optional": {
+                "decode": (DECODE_CHOICES, {
+                    "default": MASK_ONLY,
+                    "tooltip": "mask only: the fast path (one VAE decode per image); the edge output is then an "
+                               "empty (all 0) mask. mask and edge: also decode the edge map (about 45% more work)."}),
+            },
         }
 
     RETURN_TYPES = ("MASK", "MASK")
     RETURN_NAMES = ("mask", "edge")
     OUTPUT_TOOLTIPS = ("Foreground mask at the original image size: 1 = foreground, 0 = background.",
-                       "Edge map of the foreground's outline at the original image size (1 = edge).")
+                       "Edge map of the foreground's outline at the original image size (1 = edge); all 0 unless "
+                       "decode is 'mask and edge'.")
     FUNCTION = "decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Decodes the mask and edge latents with the VAE, averages augmented views and noise draws, and "
-                   "resizes both maps back to each image's original size. The mask is foreground = 1.")
+    DESCRIPTION = ("Decodes the mask (and, when asked, the edge) latents with the VAE, averages augmented views and "
+                   "noise draws, and resizes the maps back to each image's original size. The mask is "
+                   "foreground = 1.")
 
-    def decode(self, model, latents, normalize: bool):
-        model = _check_model(model)
+    def decode(self, model, latents, normalize: bool, decode: str = MASK_AND_EDGE):
+        model = check_model(model)
         if not all(hasattr(latents, a) for a in ("views", "sizes", "processing_res")):
             raise error(f"latents must come from a DiffDIS One-Step Segment node, got {type(latents).__name__}")
+        with_edge = check_choice("decode", decode, DECODE_CHOICES) == MASK_AND_EDGE
         count = len(latents.sizes)
         draws = latents.views[0].mask_latents.shape[0]
         tta = len(latents.views) > 1
-        per_image = batching.decode_bytes(latents.processing_res, model.vae_dtype, 2 * draws, tta)
+        per_image = batching.decode_bytes(latents.processing_res, model.vae_dtype, (2 if with_edge else 1) * draws,
+                                          tta)
         pipe = model.ready(per_image)
         progress = services.progress_bar(count)
         keep_on = services.intermediate_device()
 
-        def decode_chunk(start: int, stop: int):
+        def decode_part(start: int, stop: int):
             part = batching.slice_latents(latents, start, stop, pipe.device)
-            out = pipe.decode(part, decode_edge=True, minmax=bool(normalize))
+            mask, edge = decode_chunk(pipe, part, with_edge, bool(normalize))
             progress.update(stop - start)
-            return tensors.maps_to_mask(out.mask).to(keep_on), tensors.maps_to_mask(out.edge).to(keep_on)
+            mask = mask.to(keep_on)
+            return mask, (edge.to(keep_on) if edge is not None else torch.zeros_like(mask))
 
-        parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), decode_chunk)
+        with services.cancellable(pipe.vae):
+            parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), decode_part)
         masks, edges = zip(*parts, strict=True)
         return tensors.concat_masks(list(masks)), tensors.concat_masks(list(edges))

@@ -11,19 +11,26 @@ module imports nothing of ComfyUI's at import time and tests can swap them in.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 
+# The core's light modules (no diffusers): the same device and precision rules as the CLI.
+from diffdis_core import devices
+
 CATEGORY = "image/segmentation/DiffDIS"  # one menu entry for all DiffDIS nodes
+# What people type into the node search for this family (each node adds its own words).
+SEARCH_ALIASES = ["diffdis", "remove background", "background removal", "rembg", "cutout", "matting",
+                  "segmentation", "alpha", "mask", "DIS", "dichotomous image segmentation"]
 FOLDER_NAME = "diffdis"  # ComfyUI/models/diffdis
 MODELS_DIR_ENV = "DIFFDIS_MODELS_DIR"  # the models folder(s) when running without ComfyUI
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError,)
 
 
@@ -60,46 +67,59 @@ def model_roots() -> list[Path]:
 
 
 # ---------------------------------------------------------------------------- device and dtype
+# ComfyUI flags that state a precision for diffusion models: with one of them ComfyUI has an opinion.
+PRECISION_FLAGS = ("fp32_unet", "fp64_unet", "bf16_unet", "fp16_unet", "force_fp32", "force_fp16")
+
+
 def choose_devices(device: str) -> tuple[torch.device, torch.device]:
     """(load device, offload device) for the Load DiffDIS ``device`` option: ``auto`` follows
-    ComfyUI (its GPU, and where it parks unused models), ``cpu`` keeps everything on the CPU."""
+    ComfyUI (its GPU, and where it parks unused models), ``cpu`` keeps everything on the CPU.
+    Without ComfyUI, ``auto`` is the core's choice (diffdis_core.devices)."""
     if device == "cpu":
         return torch.device("cpu"), torch.device("cpu")
-    if device != "auto":
-        raise ValueError(f"device must be auto or cpu, got {device!r}")
     management = comfy_module("comfy.model_management")
     if management is not None:
         return management.get_torch_device(), management.unet_offload_device()
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.device("cpu")
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
-        return torch.device("xpu"), torch.device("cpu")
-    if torch.backends.mps.is_available():
-        return torch.device("mps"), torch.device("cpu")
-    return torch.device("cpu"), torch.device("cpu")
+    return devices.pick_device("auto"), torch.device("cpu")
 
 
-def choose_dtype(precision: str, load_device: torch.device) -> torch.dtype:
-    """``auto``: what ComfyUI would pick for a UNet on that device (its --fp16-unet etc. flags
-    included); without ComfyUI, float16 on accelerators and float32 on the CPU."""
-    if precision in PRECISIONS:
-        return PRECISIONS[precision]
+def comfy_has_precision_opinion() -> bool:
+    """Whether ComfyUI was started with a precision flag (--fp16-unet, --force-fp32...)."""
+    cli_args = comfy_module("comfy.cli_args")
+    args = getattr(cli_args, "args", None)
+    return any(getattr(args, flag, False) for flag in PRECISION_FLAGS)
+
+
+def choose_dtype(precision: str, load_device: torch.device, model_params: int) -> torch.dtype:
+    """The UNet's dtype for the Load DiffDIS ``precision`` option.
+
+    ``auto`` asks ComfyUI (with the model's real parameter count, so its memory heuristics apply, and
+    the core's preferred dtype first) on GPUs or when a precision flag was given; on the CPU without
+    such a flag ComfyUI's answer is a blanket float32, so the core's rule decides (bfloat16 where the
+    CPU has native bf16, else float32). Without ComfyUI: the core's rule.
+    """
     if precision != "auto":
-        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+        return devices.pick_dtype(precision, load_device)
+    preferred = devices.auto_dtype(load_device)
     management = comfy_module("comfy.model_management")
-    if management is not None:
-        dtype = management.unet_dtype(device=load_device,
-                                      supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
-        if dtype in PRECISIONS.values():
-            return dtype
-        # fp8 flags are for ComfyUI's own model classes; this UNet computes in 16 bits at least.
-    return torch.float32 if load_device.type == "cpu" else torch.float16
+    if management is None or (load_device.type == "cpu" and not comfy_has_precision_opinion()):
+        return preferred
+    supported = [preferred] + [d for d in (torch.bfloat16, torch.float16, torch.float32) if d != preferred]
+    dtype = management.unet_dtype(device=load_device, model_params=model_params, supported_dtypes=supported)
+    # fp8 / fp64 flags are for ComfyUI's own model classes; this UNet computes in 16 or 32 bits.
+    return dtype if dtype in supported else preferred
 
 
 def intermediate_device() -> torch.device:
     """Where results between nodes live (the CPU unless ComfyUI runs with --gpu-only)."""
     management = comfy_module("comfy.model_management")
     return management.intermediate_device() if management is not None else torch.device("cpu")
+
+
+def intermediate_dtype() -> torch.dtype:
+    """The dtype of IMAGE / MASK results between nodes (ComfyUI >= 0.21 may use float16)."""
+    management = comfy_module("comfy.model_management")
+    return getattr(management, "intermediate_dtype", lambda: torch.float32)()
 
 
 # ---------------------------------------------------------------------------- memory
@@ -167,3 +187,23 @@ def check_interrupted() -> None:
     management = comfy_module("comfy.model_management")
     if management is not None:
         management.throw_exception_if_processing_interrupted()
+
+
+def _check_before_convolution(module, args) -> None:
+    check_interrupted()  # looked up on each call, so tests can replace it
+
+
+@contextlib.contextmanager
+def cancellable(*modules: torch.nn.Module) -> Iterator[None]:
+    """Honour Cancel inside ``modules``' forward passes: before every convolution (the bulk of the
+    work), not only between UNet calls or chunks. One 1024² VAE decode on a CPU takes many seconds;
+    one of its convolutions a fraction of one. The hooks are removed on leaving."""
+    # Not inside torch.compile'd modules: a hook added after compiling would force a recompile.
+    hooks = [layer.register_forward_pre_hook(_check_before_convolution)
+             for module in modules if getattr(module, "_compiled_call_impl", None) is None
+             for layer in module.modules() if isinstance(layer, torch.nn.Conv2d)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -116,9 +116,32 @@ def refine_mask(mask: torch.Tensor, threshold: float, invert: bool, expand: int,
     return blur_mask(expand_mask(mask, expand), blur)
 
 
-# ---------------------------------------------------------------------------- colours
+# ---------------------------------------------------------------------------- backgrounds
 NAMED_BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5),
                      "green": (0.0, 1.0, 0.0)}
+BACKGROUNDS = ["alpha", *NAMED_BACKGROUNDS, "custom"]
+BACKGROUND_TOOLTIP = ("alpha: an RGBA image with the mask as transparency (Save Image writes an RGBA PNG). "
+                      "white / black / gray / green (#00FF00) / custom: an RGB image with the background replaced "
+                      "by that colour.")
+CUSTOM_COLOR_TOOLTIP = "The background colour for 'custom': #RRGGBB, #RGB or R, G, B (0-255)."
+
+
+def background_color(background: str, custom_color: str) -> tuple[float, float, float] | None:
+    """The RGB fill for a ``background`` choice (None for alpha); checks both values."""
+    if background not in BACKGROUNDS:
+        raise error(f"background {background!r} is not one of {', '.join(BACKGROUNDS)}")
+    if background == "alpha":
+        return None
+    return parse_color(custom_color) if background == "custom" else NAMED_BACKGROUNDS[background]
+
+
+def apply_background(rgb: torch.Tensor, alpha: torch.Tensor, color: tuple[float, float, float] | None) -> torch.Tensor:
+    """RGB [B, H, W, 3] and alpha [B, H, W] -> RGBA (``color`` None) or RGB on ``color``."""
+    alpha = alpha[..., None].to(rgb.dtype)
+    if color is None:
+        return torch.cat([rgb, alpha], dim=-1)
+    fill = torch.tensor(color, dtype=rgb.dtype, device=rgb.device)
+    return rgb * alpha + fill * (1 - alpha)
 
 
 def parse_color(text: str) -> tuple[float, float, float]:

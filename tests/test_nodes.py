@@ -1,4 +1,5 @@
-"""The five ComfyUI nodes on the tiny fixture model, without ComfyUI (its services fall back).
+"""The ComfyUI nodes on the tiny fixture model, without ComfyUI (its services fall back, or tests
+stand in for the parts of ComfyUI they need).
 
 The pack is imported the way ComfyUI imports it: its root ``__init__.py`` by file path, under a
 package name made from the folder's path, so everything inside must resolve relatively.
@@ -17,8 +18,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-NODE_IDS = ["DiffDISLoader", "DiffDISEncodeCondition", "DiffDISOneStepSegment", "DiffDISDecode", "DiffDISApplyAlpha"]
-COMFY_MODULES = ["folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils"]
+NODE_IDS = ["DiffDISLoader", "DiffDISEncodeCondition", "DiffDISOneStepSegment", "DiffDISDecode", "DiffDISApplyAlpha",
+            "DiffDISRemoveBackground"]
+COMFY_MODULES = ["folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils",
+                 "comfy.cli_args"]
+# What people type to find a background remover (issue 10): every DiffDIS node answers to each.
+SEARCH_TERMS = ["remove background", "background removal", "rembg", "cutout", "matting", "segmentation", "alpha",
+                "mask", "DIS"]
 RES = 64  # the tiny model's processing resolution
 
 
@@ -39,6 +45,8 @@ services = sys.modules[PACK.__name__ + ".nodes.services"]
 models = sys.modules[PACK.__name__ + ".nodes.models"]
 batching = sys.modules[PACK.__name__ + ".nodes.batching"]
 tensors = sys.modules[PACK.__name__ + ".nodes.tensors"]
+segmentation = sys.modules[PACK.__name__ + ".nodes.segmentation"]
+cutout = sys.modules[PACK.__name__ + ".nodes.cutout"]
 
 
 def copy_tiny(official_tiny: Path, target: Path) -> Path:
@@ -85,7 +93,7 @@ def model(models_root):
         for name in COMFY_MODULES:
             patch.setitem(sys.modules, name, None)
         patch.setenv(services.MODELS_DIR_ENV, str(models_root))
-        (loaded,) = run("DiffDISLoader", model="tiny", precision="auto", device="cpu")
+        loaded, _ = run("DiffDISLoader", model="tiny", precision="fp32", device="cpu")
     return loaded
 
 
@@ -107,10 +115,10 @@ def images(batch=3, height=40, width=56, channels=3, seed=0) -> torch.Tensor:
     return rgb
 
 
-def segment(model, image, seed=0, ensemble=1, tta=False, normalize=True, res=RES):
+def segment(model, image, seed=0, ensemble=1, tta=False, normalize=True, res=RES, decode="mask and edge"):
     (cond,) = run("DiffDISEncodeCondition", model=model, image=image, processing_res=res)
     (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=seed, ensemble=ensemble, tta=tta)
-    return run("DiffDISDecode", model=model, latents=latents, normalize=normalize)
+    return run("DiffDISDecode", model=model, latents=latents, normalize=normalize, decode=decode)
 
 
 def error_message(excinfo) -> str:
@@ -125,28 +133,38 @@ def test_node_ids_display_names_and_ui_metadata():
     assert PACK.NODE_DISPLAY_NAME_MAPPINGS == {
         "DiffDISLoader": "Load DiffDIS", "DiffDISEncodeCondition": "DiffDIS Encode Condition",
         "DiffDISOneStepSegment": "DiffDIS One-Step Segment", "DiffDISDecode": "DiffDIS Decode Mask/Edge",
-        "DiffDISApplyAlpha": "DiffDIS Apply Alpha"}
+        "DiffDISApplyAlpha": "DiffDIS Apply Alpha", "DiffDISRemoveBackground": "DiffDIS Remove Background"}
     for node_id, cls in NODES.items():
         assert cls.CATEGORY == "image/segmentation/DiffDIS"
         assert len(cls.DESCRIPTION) > 40
         assert callable(getattr(cls(), cls.FUNCTION))
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
-        for name, (_, options) in cls.INPUT_TYPES()["required"].items():
+        inputs = cls.INPUT_TYPES()
+        for name, (_, options) in {**inputs["required"], **inputs.get("optional", {})}.items():
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        aliases = [alias.lower() for alias in cls.SEARCH_ALIASES]
+        assert {term.lower() for term in SEARCH_TERMS} <= set(aliases), node_id
+        assert len(set(aliases)) == len(aliases) and all(isinstance(a, str) and a for a in aliases)
     segment_inputs = NODES["DiffDISOneStepSegment"].INPUT_TYPES()["required"]
     assert segment_inputs["seed"][1]["control_after_generate"] is True
     assert NODES["DiffDISDecode"].RETURN_TYPES == ("MASK", "MASK")
+    # Slot 0 is what saved workflows link to; slot 1 is ComfyUI's own type for its Remove Background node.
+    assert NODES["DiffDISLoader"].RETURN_TYPES == ("DIFFDIS_MODEL", "BACKGROUND_REMOVAL")
+    assert NODES["DiffDISRemoveBackground"].RETURN_TYPES == ("IMAGE", "MASK")
     assert NODES["DiffDISApplyAlpha"].RETURN_TYPES == ("IMAGE", "MASK")
     assert "JoinImageWithAlpha".lower() in NODES["DiffDISApplyAlpha"].INPUT_TYPES()["required"]["mask"][1][
         "tooltip"].replace(" ", "").lower()
-    assert NODES["DiffDISEncodeCondition"].INPUT_TYPES()["required"]["processing_res"][1]["default"] == 1024
+    for node_id in ("DiffDISEncodeCondition", "DiffDISRemoveBackground"):
+        processing_res = NODES[node_id].INPUT_TYPES()["required"]["processing_res"][1]
+        assert (processing_res["default"], processing_res["step"]) == (1024, 64)
 
 
-def test_download_entry_names_the_core_default_model():
-    from diffdis_core import hub
+def test_download_entry_and_sizes_come_from_the_core_spec():
+    from diffdis_core import spec
 
-    assert models.DOWNLOAD_REPO == hub.DEFAULT_MODEL
-    assert models.EMBED_FILE == hub.EMPTY_EMBED_FILE
+    assert models.DOWNLOAD_REPO == spec.DEFAULT_MODEL and models.EMBED_FILE == spec.EMPTY_EMBED_FILE
+    tooltip = NODES["DiffDISLoader"].INPUT_TYPES()["required"]["model"][1]["tooltip"]
+    assert models.DOWNLOAD_SIZE in tooltip
 
 
 def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
@@ -163,10 +181,12 @@ def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
         spec.loader.exec_module(pack)
         assert sys.modules["nodes"] is comfy_nodes
         assert sorted(pack.NODE_CLASS_MAPPINGS) == {sorted(NODE_IDS)!r}
-        heavy = [m for m in ("diffusers", "transformers", "huggingface_hub", "diffdis_core") if m in sys.modules]
+        heavy = [m for m in ("diffusers", "transformers", "huggingface_hub", "safetensors", "diffdis_core.pipeline",
+                             "diffdis_core.hub", "diffdis_core.unet") if m in sys.modules]
         assert not heavy, heavy
         import diffdis_core
         assert diffdis_core.__file__.startswith({str(ROOT)!r}), diffdis_core.__file__
+        assert sys.modules["diffdis_core.spec"].__file__.startswith({str(ROOT)!r})
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -193,12 +213,14 @@ def test_loader_loads_a_folder_on_the_cpu(model, models_root):
     assert model.folder == models_root / "tiny"
     assert model.load_device.type == "cpu" and model.dtype == torch.float32
     assert model.patcher is None  # no ComfyUI here
+    loaded, bg_model = run("DiffDISLoader", model="tiny", precision="fp32", device="cpu")
+    assert isinstance(bg_model, cutout.DiffDISBackgroundRemoval) and bg_model.diffdis is loaded
 
 
 def test_loader_precision_and_mixing_precisions(model):
-    (bf16,) = run("DiffDISLoader", model="tiny", precision="bf16", device="auto")
+    bf16, _ = run("DiffDISLoader", model="tiny", precision="bf16", device="auto")
     assert bf16.dtype == torch.bfloat16 and bf16.vae_dtype == torch.bfloat16
-    (fp16,) = run("DiffDISLoader", model="tiny", precision="fp16", device="cpu")
+    fp16, _ = run("DiffDISLoader", model="tiny", precision="fp16", device="cpu")
     assert fp16.dtype == torch.float16
     (mask, edge) = segment(bf16, images(batch=1))
     assert mask.dtype == torch.float32 and mask.shape == (1, 40, 56)
@@ -206,7 +228,7 @@ def test_loader_precision_and_mixing_precisions(model):
     (cond,) = run("DiffDISEncodeCondition", model=model, image=images(batch=1), processing_res=RES)
     (latents,) = run("DiffDISOneStepSegment", model=bf16, cond=cond, seed=0, ensemble=1, tta=False)
     assert latents.views[0].mask_latents.dtype == torch.bfloat16
-    mixed, _ = run("DiffDISDecode", model=model, latents=latents, normalize=True)
+    mixed, _ = run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="mask only")
     torch.testing.assert_close(mixed, mask, atol=0.1, rtol=0)
 
 
@@ -274,7 +296,7 @@ def test_download_entry_uses_a_complete_folder_without_the_network(tmp_path, mon
         raise AssertionError("the network was used although the model is on disk")
 
     monkeypatch.setattr(hub, "download", no_network)
-    (loaded,) = run("DiffDISLoader", model=models.DOWNLOAD_ENTRY, precision="auto", device="cpu")
+    loaded, _ = run("DiffDISLoader", model=models.DOWNLOAD_ENTRY, precision="auto", device="cpu")
     assert loaded.folder == tmp_path / models.DOWNLOAD_FOLDER
 
 
@@ -294,10 +316,12 @@ def test_download_entry_downloads_into_the_models_folder(tmp_path, monkeypatch, 
         return Path(local_dir)
 
     monkeypatch.setattr(hub, "download", fake_snapshot)
-    (loaded,) = run("DiffDISLoader", model=models.DOWNLOAD_ENTRY, precision="auto", device="cpu")
+    loaded, _ = run("DiffDISLoader", model=models.DOWNLOAD_ENTRY, precision="auto", device="cpu")
     target = tmp_path / models.DOWNLOAD_FOLDER
     assert loaded.folder == target
-    assert calls == [(models.DOWNLOAD_REPO, models.DOWNLOAD_FILES + models.TEXT_ENCODER_FILES, target)]
+    from diffdis_core import spec
+
+    assert calls == [(models.DOWNLOAD_REPO, spec.MODEL_FILES + spec.TEXT_ENCODER_FILES, target)]
     assert models.DOWNLOAD_FOLDER in models.list_models()
 
 
@@ -411,6 +435,179 @@ def test_sizes_change_between_runs(model):
     assert wide.shape == (1, 40, 56) and tall.shape == (2, 72, 48) and square.shape == (1, 64, 64)
 
 
+def count_decoded_maps(model, monkeypatch) -> list:
+    """The batch size of every VAE decoder call."""
+    calls = []
+    decoder = model.pipeline.vae.decoder
+    original = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda z, *a, **k: calls.append(z.shape[0]) or original(z, *a, **k))
+    return calls
+
+
+def test_decode_mask_only_skips_the_edge_decode(model, monkeypatch):
+    """decode = mask only runs the VAE decoder on the mask latents alone; the edge output is then an
+    empty mask of the right shape, so a graph that still previews it keeps running."""
+    batch = images(batch=2)
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=batch, processing_res=RES)
+    (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=1, ensemble=1, tta=False)
+    calls = count_decoded_maps(model, monkeypatch)
+    mask_only, empty_edge = run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="mask only")
+    assert sum(calls) == 2  # one map per image
+    calls.clear()
+    mask, edge = run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="mask and edge")
+    assert sum(calls) == 4  # mask and edge per image
+    torch.testing.assert_close(mask_only, mask, atol=1e-6, rtol=0)
+    assert empty_edge.shape == edge.shape == (2, 40, 56) and empty_edge.abs().max() == 0 and edge.max() > 0
+    calls.clear()
+    # A graph saved before the option existed (no "decode" input) gets what it had: both maps.
+    old_mask, old_edge = run("DiffDISDecode", model=model, latents=latents, normalize=True)
+    assert sum(calls) == 4
+    torch.testing.assert_close(old_edge, edge, atol=0, rtol=0)
+    decode_option = NODES["DiffDISDecode"].INPUT_TYPES()["optional"]["decode"]
+    assert decode_option[0] == ["mask only", "mask and edge"] and decode_option[1]["default"] == "mask only"
+
+
+def test_frame_conditions_keep_no_processing_size_images(model):
+    """A condition holds the latents and a reference to the frames it was given, no resized copy
+    (12.6 MB per 1024² frame in float32); TTA still works from it."""
+    frames = images(batch=2, height=300, width=200)
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=frames, processing_res=256)
+    assert cond.frames is frames and cond.processing_res == 256 and cond.sizes == [(300, 200)] * 2
+    latent_bytes = sum(latent.numel() * latent.element_size() for latent in cond.rgb_latents)
+    own = [value for value in vars(cond).values() if isinstance(value, torch.Tensor) and value is not frames]
+    assert own == [] and latent_bytes < 2 * 3 * 256 * 256 * 4 / 10
+    (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=True)
+    mask, _ = run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="mask only")
+    expected = model.pipeline(frames[:1].movedim(-1, 1), processing_res=256, tta=True,
+                              generator=torch.Generator().manual_seed(0), decode_edge=False)
+    torch.testing.assert_close(mask[:1], expected.mask[:, 0], atol=1e-5, rtol=0)
+
+
+def remove_background(model, image, background="alpha", custom_color="#3366CC", seed=0, tta=False, res=RES):
+    return run("DiffDISRemoveBackground", model=model, image=image, processing_res=res, seed=seed, tta=tta,
+               background=background, custom_color=custom_color)
+
+
+def test_remove_background_is_the_staged_cutout_in_one_node(model, monkeypatch):
+    batch = images(batch=3, channels=4)
+    staged_mask, _ = segment(model, batch, seed=7, decode="mask only")
+    staged_cutout, _ = run("DiffDISApplyAlpha", image=batch, mask=staged_mask, background="alpha",
+                           custom_color="#3366CC", mask_blur=0, mask_expand=0, threshold=0.0, invert=False)
+    calls = count_decoded_maps(model, monkeypatch)
+    cutout_image, mask = remove_background(model, batch, seed=7)
+    assert sum(calls) == 3  # the mask only
+    assert cutout_image.shape == (3, 40, 56, 4) and mask.shape == (3, 40, 56)
+    torch.testing.assert_close(mask, staged_mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cutout_image, staged_cutout, atol=1e-6, rtol=0)
+    on_green, _ = remove_background(model, batch[..., :3], background="green", seed=7)
+    expected = batch[..., :3] * mask[..., None] + torch.tensor([0.0, 1.0, 0.0]) * (1 - mask[..., None])
+    assert on_green.shape == (3, 40, 56, 3)
+    torch.testing.assert_close(on_green, expected, atol=1e-6, rtol=0)
+    other_seed, other_mask = remove_background(model, batch, seed=8)
+    assert not torch.allclose(other_mask, mask)
+
+
+def test_remove_background_with_tta_matches_the_core(model):
+    image = images(batch=1, seed=3)
+    _, mask = remove_background(model, image, seed=5, tta=True, res=256)
+    expected = model.pipeline(image.movedim(-1, 1), processing_res=256, tta=True, decode_edge=False,
+                              generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(mask, expected.mask[:, 0], atol=1e-5, rtol=0)
+
+
+def test_bad_remove_background_options(model):
+    from diffdis_core import DiffDISError
+
+    with pytest.raises(DiffDISError, match="background 'blue' is not one of alpha, white"):
+        remove_background(model, images(batch=1), background="blue")
+    with pytest.raises(DiffDISError, match="custom_color 'nope' is not a colour"):
+        remove_background(model, images(batch=1), background="custom", custom_color="nope")
+    with pytest.raises(DiffDISError, match="model must come from a Load DiffDIS node"):
+        remove_background("model", images(batch=1))
+
+
+def fake_model_management(monkeypatch, **overrides) -> types.SimpleNamespace:
+    """The parts of comfy.model_management the nodes use, on the CPU."""
+    calls = types.SimpleNamespace(unet_dtype=[], loads=[])
+    management = types.ModuleType("comfy.model_management")
+    management.get_torch_device = lambda: torch.device("cpu")
+    management.unet_offload_device = lambda: torch.device("cpu")
+    management.intermediate_device = lambda: torch.device("cpu")
+    management.intermediate_dtype = lambda: torch.float32
+    management.get_free_memory = lambda device: 8 << 30
+    management.soft_empty_cache = lambda: None
+    management.throw_exception_if_processing_interrupted = lambda: None
+    management.load_models_gpu = lambda models, **kwargs: calls.loads.append(kwargs)
+
+    def unet_dtype(device=None, model_params=0, supported_dtypes=(), weight_dtype=None):
+        calls.unet_dtype.append((device, model_params, list(supported_dtypes)))
+        return supported_dtypes[0]
+
+    management.unet_dtype = unet_dtype
+    for name, value in overrides.items():
+        setattr(management, name, value)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", management)
+    return calls
+
+
+def test_background_removal_output_works_like_comfyuis_own_models(model, monkeypatch):
+    """What core Remove Background does with it (comfy_extras/nodes_bg_removal.py, ComfyUI 0.21):
+    mask = bg_removal_model.encode_image(image), a [B, 1, H, W] mask in 0..1 on ComfyUI's
+    intermediate device and dtype."""
+    assert cutout.DiffDISBackgroundRemoval(model).image_size == 1024  # what the loader hands out: as trained
+    bg_model = cutout.DiffDISBackgroundRemoval(model, processing_res=RES)  # the tiny model's size
+    batch = images(batch=2)
+    fake_model_management(monkeypatch, intermediate_dtype=lambda: torch.float16)
+    mask = bg_model.encode_image(batch)
+    assert mask.shape == (2, 1, 40, 56) and mask.dtype == torch.float16 and mask.device.type == "cpu"
+    assert 0 <= mask.min() < mask.max() <= 1
+    expected, _ = segment(model, batch, seed=0, decode="mask only")
+    torch.testing.assert_close(mask[:, 0].float(), expected, atol=1e-3, rtol=0)  # seed 0, float16 out
+    assert bg_model.patcher is model.patcher and bg_model.model is model.modules
+    assert bg_model.load_device == model.load_device
+
+
+def test_auto_precision_is_the_cores_rule_unless_comfyui_has_an_opinion(monkeypatch, models_root):
+    from diffdis_core import devices
+
+    # Without ComfyUI, and in ComfyUI on the CPU without a precision flag: the core's rule.
+    for native_bf16, expected in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda native=native_bf16: native)
+        assert services.choose_dtype("auto", torch.device("cpu"), 10) == expected
+        calls = fake_model_management(monkeypatch)
+        assert services.choose_dtype("auto", torch.device("cpu"), 10) == expected and calls.unet_dtype == []
+        monkeypatch.setitem(sys.modules, "comfy.model_management", None)
+    # A flag such as --fp16-unet: ComfyUI decides, told the UNet's real size.
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(fp16_unet=True)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    calls = fake_model_management(monkeypatch, unet_dtype=lambda **kwargs: calls.unet_dtype.append(kwargs) or
+                                  torch.float16)
+    loaded, _ = run("DiffDISLoader", model="tiny", precision="auto", device="auto")
+    assert loaded.dtype == torch.float16
+    (asked,) = calls.unet_dtype
+    assert asked["model_params"] == sum(t.numel() for t in loaded.pipeline.unet.state_dict().values())
+    assert asked["supported_dtypes"][0] == devices.auto_dtype("cpu")  # the core's choice first
+    # fp8 flags are for ComfyUI's own model classes: this UNet falls back to the core's choice.
+    fake_model_management(monkeypatch, unet_dtype=lambda **kwargs: torch.float8_e4m3fn)
+    assert services.choose_dtype("auto", torch.device("cpu"), 10) == devices.auto_dtype("cpu")
+    # An explicit precision is taken as it is.
+    assert services.choose_dtype("bf16", torch.device("cpu"), 10) == torch.bfloat16
+
+
+@pytest.mark.parametrize("device, channels_last", [("cpu", True), ("cuda", True), ("mps", False)])
+def test_memory_format_follows_the_load_device(device, channels_last, monkeypatch):
+    """The model is built on the offload device (the CPU) and ComfyUI moves it keeping its layout,
+    so the layout is chosen for where it will run: channels-last except on Apple MPS."""
+    monkeypatch.setattr(services, "choose_devices", lambda option: (torch.device(device), torch.device("cpu")))
+    loaded, _ = run("DiffDISLoader", model="tiny", precision="fp32", device="auto")
+    assert loaded.load_device.type == device and loaded.pipeline.device.type == "cpu"
+    weight = next(layer.weight for layer in loaded.pipeline.unet.modules() if isinstance(layer, torch.nn.Conv2d)
+                  and layer.weight.shape[-1] == 3 and layer.weight.shape[1] > 1)
+    assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert weight.is_contiguous() != channels_last
+
+
 class Recorder:
     """Stands in for ComfyUI's ProgressBar."""
 
@@ -424,7 +621,13 @@ class Recorder:
         self.updates.append(value)
 
 
-def test_batches_run_in_chunks_sized_to_free_memory(model, monkeypatch):
+@pytest.fixture
+def memory_chunks_only(monkeypatch):
+    """Chunks sized by memory alone (no time cap), for tests that count chunks."""
+    monkeypatch.setattr(batching, "TARGET_CHUNK_SECONDS", None)
+
+
+def test_batches_run_in_chunks_sized_to_free_memory(model, monkeypatch, memory_chunks_only):
     batch = images(batch=5)
     whole_mask, whole_edge = segment(model, batch, seed=4, ensemble=2)
 
@@ -452,6 +655,34 @@ def test_batches_run_in_chunks_sized_to_free_memory(model, monkeypatch):
     assert (decode_bar.total, decode_bar.updates) == (5, [2, 2, 1])
 
 
+def test_chunks_are_sized_by_time_so_cancel_and_progress_stay_responsive(monkeypatch):
+    """The first chunk is one item; later chunks hold what runs in about TARGET_CHUNK_SECONDS at the
+    pace so far, never more than fits in memory."""
+    clock = [0.0]
+    monkeypatch.setattr(batching.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(batching, "TARGET_CHUNK_SECONDS", 2.0)
+
+    def work_at(seconds_per_item):
+        sizes = []
+
+        def work(start, stop):
+            sizes.append(stop - start)
+            clock[0] += seconds_per_item * (stop - start)
+            return list(range(start, stop))
+
+        return sizes, work
+
+    sizes, work = work_at(10.0)  # a slow CPU: one image per chunk
+    parts = batching.run_in_chunks(5, 32, work)
+    assert sizes == [1, 1, 1, 1, 1] and [i for part in parts for i in part] == list(range(5))
+    sizes, work = work_at(0.5)  # four images in two seconds
+    batching.run_in_chunks(13, 32, work)
+    assert sizes == [1, 4, 4, 4]
+    sizes, work = work_at(0.001)  # a GPU: memory is the limit
+    batching.run_in_chunks(40, 16, work)
+    assert sizes == [1, 16, 16, 7]
+
+
 def test_chunk_size_follows_memory_and_is_capped(monkeypatch):
     per_image = batching.encode_bytes(1024, torch.float16)
     monkeypatch.setattr(services, "free_memory", lambda device: 3 * per_image + 1)
@@ -464,29 +695,63 @@ def test_chunk_size_follows_memory_and_is_capped(monkeypatch):
         batching.segment_bytes(1024, torch.float16, torch.float32, tta=False)
 
 
-def test_cancel_is_honoured_between_chunks(model, monkeypatch):
-    class Interrupted(Exception):
-        pass
+class Interrupted(Exception):
+    pass
 
+
+def interrupt_after(monkeypatch, checks_allowed: int) -> list:
+    """services.check_interrupted raises (as Cancel does) once it has been asked ``checks_allowed`` times."""
     checks = []
 
     def check_interrupted():
         checks.append(1)
-        if len(checks) > 1:
+        if len(checks) > checks_allowed:
             raise Interrupted
 
-    (cond,) = run("DiffDISEncodeCondition", model=model, image=images(batch=4), processing_res=RES)
-    segmented = []
-    original = model.pipeline.segment
-    monkeypatch.setattr(model.pipeline, "segment", lambda *a, **k: segmented.append(1) or original(*a, **k))
-    monkeypatch.setattr(services, "free_memory", lambda device: 1)  # one image per chunk
     monkeypatch.setattr(services, "check_interrupted", check_interrupted)
+    return checks
+
+
+def count_convolutions(module: torch.nn.Module) -> list:
+    calls = []
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("node", ["DiffDISOneStepSegment", "DiffDISDecode", "DiffDISRemoveBackground"])
+def test_cancel_lands_inside_the_model_not_after_it(node, monkeypatch, official_tiny, models_root):
+    """Cancel is checked before every convolution of the UNet and VAE: pressed during the first one,
+    the node stops right there instead of finishing the chunk's UNet call or decode."""
+    model, _ = run("DiffDISLoader", model="tiny", precision="fp32", device="cpu")  # hooks below stay on this one
+    unet_convs, vae_convs = count_convolutions(model.pipeline.unet), count_convolutions(model.pipeline.vae)
+    image = images(batch=2)
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=image, processing_res=RES)
+    (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=False)
+    unet_per_call, vae_per_run = len(unet_convs), len(vae_convs)
+    unet_convs.clear(), vae_convs.clear()
+
+    checks = interrupt_after(monkeypatch, checks_allowed=3)
     with pytest.raises(Interrupted):
-        run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=False)
-    assert len(segmented) == 1  # the cancel after the first chunk's UNet call stopped the rest
+        if node == "DiffDISOneStepSegment":
+            run(node, model=model, cond=cond, seed=0, ensemble=1, tta=False)
+        elif node == "DiffDISDecode":
+            run(node, model=model, latents=latents, normalize=True, decode="mask only")
+        else:
+            run(node, model=model, image=image, processing_res=RES, seed=0, tta=False, background="alpha",
+                custom_color="#000000")
+    assert len(unet_convs) + len(vae_convs) == 2  # stopped at the third convolution (the first check is a chunk's)
+    assert len(checks) == 4 and unet_per_call > 10 and vae_per_run > 10
+
+    # The hooks went with the node: the model runs on as before, asking nobody.
+    checks.clear()
+    monkeypatch.setattr(services, "check_interrupted", lambda: checks.append(1))
+    model.pipeline(image.movedim(-1, 1), processing_res=RES)
+    assert checks == []
 
 
-def test_out_of_memory_halves_the_chunk_and_retries():
+def test_out_of_memory_halves_the_chunk_and_retries(memory_chunks_only):
     sizes = []
 
     def work(start, stop):
@@ -507,14 +772,32 @@ def test_out_of_memory_halves_the_chunk_and_retries():
 
 
 # ---------------------------------------------------------------------------- input errors
-@pytest.mark.parametrize("value", [60, 0, 8, 4104, "64", True, 64.0])
-def test_bad_processing_res(model, value):
+@pytest.mark.parametrize("value, nearest", [(60, "use 64"), (100, "use 64 or 128"), (0, "use 64"), (8, "use 64"),
+                                            (4104, "use 4096"), ("64", None), (True, None), (64.0, None)])
+def test_bad_processing_res(model, value, nearest):
     from diffdis_core import DiffDISError
 
+    for node, extra in [("DiffDISEncodeCondition", {}),
+                        ("DiffDISRemoveBackground", {"seed": 0, "tta": False, "background": "alpha",
+                                                     "custom_color": "#000000"})]:
+        with pytest.raises(DiffDISError) as excinfo:
+            run(node, model=model, image=images(batch=1), processing_res=value, **extra)
+        message = error_message(excinfo)
+        assert message.startswith("processing_res must be a ")
+        if nearest:
+            assert message.endswith(nearest)
+
+
+def test_tta_needs_a_processing_res_the_views_can_use(model):
+    from diffdis_core import DiffDISError
+
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=images(batch=1), processing_res=128)
     with pytest.raises(DiffDISError) as excinfo:
-        run("DiffDISEncodeCondition", model=model, image=images(batch=1), processing_res=value)
-    message = error_message(excinfo)
-    assert message.startswith("processing_res must be a multiple of 8 from 64 to 4096, got ")
+        run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=True)
+    assert "multiple of 256" in error_message(excinfo) and "use 256" in error_message(excinfo)
+    with pytest.raises(DiffDISError, match="multiple of 256"):
+        run("DiffDISRemoveBackground", model=model, image=images(batch=1), processing_res=128, seed=0, tta=True,
+            background="alpha", custom_color="#000000")
 
 
 @pytest.mark.parametrize("image, expected", [
@@ -543,6 +826,9 @@ def test_bad_segment_and_decode_inputs(model):
         run("DiffDISOneStepSegment", model={}, cond=cond, seed=0, ensemble=1, tta=False)
     with pytest.raises(DiffDISError, match="latents must come from a DiffDIS One-Step Segment node, got"):
         run("DiffDISDecode", model=model, latents=cond, normalize=True)
+    (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=False)
+    with pytest.raises(DiffDISError, match="decode 'edge' is not one of mask only, mask and edge"):
+        run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="edge")
 
 
 # ---------------------------------------------------------------------------- Apply Alpha
