@@ -1,5 +1,6 @@
-"""The example workflows: UI files (what users drag into ComfyUI) agree with their API twins (what
-POST /prompt takes), and the API cutout graph runs through the registered node classes.
+"""The example workflows: UI files (what users drag into ComfyUI, also listed as templates) agree
+with their API twins (what POST /prompt takes), are laid out readably, carry what the frontend needs
+(model download metadata, thumbnails), and the API graphs run through the registered node classes.
 
 Core ComfyUI nodes are stubbed minimally (file in/out, mask to image); ours run for real on the
 tiny fixture model.
@@ -18,8 +19,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
-NAMES = ["cutout", "generate_and_cutout"]
-COMFY_MODULES = ["folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils"]
+NAMES = ["cutout", "remove_background", "generate_and_cutout"]
+COMFY_MODULES = ["folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils",
+                 "comfy.cli_args"]
+MODEL_LOADERS = {"DiffDISLoader", "CheckpointLoaderSimple"}
+TITLE_BAR = 30  # LiteGraph draws a node's title above its pos, this high (frontend 1.43)
+VIEWPORT = (1280, 720)  # a small laptop's canvas: the note must be on it when a workflow opens
 
 # Frontend-only nodes: never sent to the server.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -76,6 +81,11 @@ def widgets_from_input_types(input_types: dict) -> list[str]:
                 if options.get("image_upload"):
                     names.append("[upload]")
     return names
+
+
+def all_inputs(cls) -> dict:
+    types = cls.INPUT_TYPES()
+    return {**types["required"], **types.get("optional", {})}
 
 
 def our_widgets(class_type: str) -> list[str] | None:
@@ -146,10 +156,79 @@ def test_only_core_and_diffdis_nodes_without_extension_metadata(name):
     known = set(CORE_WIDGETS) | set(OUR_NODES)
     assert {node["class_type"] for node in api.values()} <= known
     assert {node["type"] for node in ui["nodes"]} <= known | VIRTUAL_NODES
-    assert set(OUR_NODES) <= {node["class_type"] for node in api.values()}
     assert set(ui["extra"]) <= {"ds"}
     for node in ui["nodes"]:
-        assert set(node.get("properties", {})) <= {"Node name for S&R"}
+        assert set(node.get("properties", {})) <= {"Node name for S&R", "models"}
+
+
+def test_the_workflows_show_every_diffdis_node():
+    used = {node["class_type"] for name in NAMES for node in load(name, api=True).values()}
+    assert set(OUR_NODES) <= used
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_loader_says_where_its_model_comes_from(name):
+    """properties.models (name, url, directory) on each loader: what the frontend's missing-models
+    panel offers to download, and where to."""
+    loaders = [node for node in load(name)["nodes"] if node["type"] in MODEL_LOADERS]
+    assert loaders
+    for node in loaders:
+        (entry,) = node["properties"]["models"]
+        assert set(entry) == {"name", "url", "directory"} and entry["url"].startswith("https://huggingface.co/")
+        if node["type"] == "DiffDISLoader":
+            assert entry["directory"] == "diffdis" and entry["url"].endswith(models.DOWNLOAD_REPO)
+            # Not a widget value: the frontend would look for it as a file in models/diffdis and call it missing.
+            assert entry["name"] not in node["widgets_values"]
+        else:
+            assert entry["name"] == node["widgets_values"][0] and entry["url"].endswith("/" + entry["name"])
+            assert entry["directory"] == "checkpoints"
+
+
+def rectangle(node) -> tuple[float, float, float, float]:
+    """A node's (left, top, right, bottom) on the canvas, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_BAR, x + w, y + h
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_node_covers_another(name):
+    nodes = load(name)["nodes"]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            (al, at, ar, ab), (bl, bt, br, bb) = rectangle(a), rectangle(b)
+            overlap = min(ar, br) > max(al, bl) and min(ab, bb) > max(at, bt)
+            assert not overlap, f"{name}: node {a['id']} {a['type']} overlaps node {b['id']} {b['type']}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_note_is_in_view_when_the_workflow_opens(name):
+    ui = load(name)
+    (note,) = [node for node in ui["nodes"] if node["type"] in ("Note", "MarkdownNote")]
+    scale, (dx, dy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    left, top, right, bottom = rectangle(note)
+    screen = [(left + dx) * scale, (top + dy) * scale, (right + dx) * scale, (bottom + dy) * scale]
+    assert 0 <= screen[0] and 0 <= screen[1] and screen[2] <= VIEWPORT[0] and screen[3] <= VIEWPORT[1], screen
+    assert note.get("title")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notes_tooltips_and_docs_give_one_download_size(name):
+    note = next(node for node in load(name)["nodes"] if node["type"] == "MarkdownNote")
+    assert models.DOWNLOAD_SIZE in note["widgets_values"][0]
+    for document in (ROOT / "README.md", ROOT / "docs" / "comfyui.md"):
+        text = document.read_text(encoding="utf-8")
+        assert models.DOWNLOAD_SIZE in text, document
+        assert "about 4 GB" not in text and "about 5 GB" not in text, document
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_template_has_a_thumbnail(name):
+    """The Templates dialog shows workflows/<name>.jpg on the workflow's card."""
+    with Image.open(WORKFLOWS / f"{name}.jpg") as thumbnail:
+        assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 256 and max(thumbnail.size) <= 1024
+        pixels = np.asarray(thumbnail.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # a picture, not a blank
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -158,10 +237,10 @@ def test_widget_values_are_valid_for_our_nodes(name):
         cls = OUR_NODES.get(node["class_type"])
         if cls is None:
             continue
-        required = cls.INPUT_TYPES()["required"]
-        assert set(node["inputs"]) == set(required)
+        inputs = all_inputs(cls)
+        assert set(node["inputs"]) == set(inputs)  # optional ones too: the workflow states every choice
         for key, value in node["inputs"].items():
-            kind, options = required[key][0], required[key][1]
+            kind, options = inputs[key][0], inputs[key][1]
             if isinstance(kind, list):
                 assert value in kind
             elif kind in ("INT", "FLOAT"):
@@ -236,7 +315,7 @@ def execute(prompt: dict, stubs: dict) -> dict:
                   for key, value in node["inputs"].items()}
         if node["class_type"] in OUR_NODES:
             cls = OUR_NODES[node["class_type"]]
-            assert set(kwargs) == set(cls.INPUT_TYPES()["required"])
+            assert set(kwargs) == set(all_inputs(cls))
             function = getattr(cls(), cls.FUNCTION)
         else:
             cls, function_name = stubs[node["class_type"]]
@@ -270,7 +349,7 @@ def for_tiny_model(prompt: dict) -> dict:
     for node in prompt.values():
         if node["class_type"] == "DiffDISLoader":
             node["inputs"]["model"] = "tiny"
-        if node["class_type"] == "DiffDISEncodeCondition":
+        if node["class_type"] in ("DiffDISEncodeCondition", "DiffDISRemoveBackground"):
             node["inputs"]["processing_res"] = 64
     return prompt
 
@@ -290,8 +369,9 @@ def test_cutout_api_workflow_saves_an_rgba_cutout(comfy_dirs):
     results = execute(prompt, CORE_STUBS)
 
     decode_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISDecode")
-    mask, edge = results[decode_id]
-    assert mask.shape == edge.shape == (1, height, width)
+    assert prompt[decode_id]["inputs"]["decode"] == "mask only"  # nothing here uses the edge
+    mask, _ = results[decode_id]
+    assert mask.shape == (1, height, width)
     assert len(SaveImage.saved) == 1
     prefix, path = SaveImage.saved[0]
     assert prefix == "DiffDIS/cutout"
@@ -302,10 +382,34 @@ def test_cutout_api_workflow_saves_an_rgba_cutout(comfy_dirs):
     expected_alpha = np.clip(255.0 * mask[0].numpy(), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(cutout[..., 3], expected_alpha)
     assert cutout[..., 3].max() > cutout[..., 3].min()
-    previews = PreviewImage.previews
-    assert len(previews) == 2 and all(p.shape == (1, height, width, 3) for p in previews)
-    torch.testing.assert_close(previews[0][..., 0], mask)
-    torch.testing.assert_close(previews[1][..., 0], edge)
+    (preview,) = PreviewImage.previews
+    assert preview.shape == (1, height, width, 3)
+    torch.testing.assert_close(preview[..., 0], mask)
+
+
+def test_remove_background_api_workflow_saves_the_same_cutout_in_one_node(comfy_dirs):
+    width, height = 56, 40
+    picture = np.zeros((height, width, 3), np.uint8)
+    picture[..., 2] = np.linspace(0, 255, width, dtype=np.uint8)[None]
+    picture[8:32, 12:44] = (230, 200, 40)
+    Image.fromarray(picture).save(comfy_dirs / "input" / "test.png")
+    staged = for_tiny_model(load("cutout", api=True))
+    one_node = for_tiny_model(load("remove_background", api=True))
+    for prompt in (staged, one_node):
+        (load_image,) = [node for node in prompt.values() if node["class_type"] == "LoadImage"]
+        load_image["inputs"]["image"] = "test.png"
+    assert [n["class_type"] for n in one_node.values()].count("DiffDISRemoveBackground") == 1
+
+    execute(staged, CORE_STUBS)
+    execute(one_node, CORE_STUBS)
+
+    by_prefix = dict(SaveImage.saved)
+    assert set(by_prefix) == {"DiffDIS/cutout", "DiffDIS/remove_background"}
+    with Image.open(by_prefix["DiffDIS/cutout"]) as a, Image.open(by_prefix["DiffDIS/remove_background"]) as b:
+        assert b.mode == "RGBA" and b.size == (width, height)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same settings, same cutout
+    staged_preview, one_node_preview = PreviewImage.previews
+    torch.testing.assert_close(one_node_preview, staged_preview)
 
 
 # Stand-ins for the text-to-image part, so the DiffDIS part of generate_and_cutout runs as wired.
