@@ -259,6 +259,21 @@ def test_the_download_entry_uses_the_folder_on_disk_offline(comfyui):
         assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
 
 
+def test_a_graph_saved_before_the_new_options_still_runs(comfyui):
+    """The API cutout graph the pack shipped before Load DiffDIS's second output and Decode's decode
+    option (no decode value: both maps, as then)."""
+    prompt = json.loads((ROOT / "tests" / "fixtures" / "saved_workflows" / "cutout_api.json").read_text())
+    prompt["1"]["inputs"]["image"] = "diffdis_test.png"
+    prompt["2"]["inputs"]["model"] = "tiny"
+    prompt["3"]["inputs"]["processing_res"] = 64
+    entry = comfyui.run_prompt(prompt)
+    with Image.open(_saved_cutout(comfyui, entry)) as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
+    (edge_preview,) = entry["outputs"]["11"]["images"]
+    with Image.open(comfyui.base / "temp" / edge_preview["subfolder"] / edge_preview["filename"]) as edge:
+        assert np.asarray(edge.convert("L")).max() > 0  # the edge was decoded
+
+
 def test_the_one_node_cutout_gives_the_staged_cutout(comfyui):
     staged = comfyui.run_prompt(_cutout_prompt("tiny", seed=3))
     started = time.monotonic()
@@ -304,7 +319,8 @@ def test_cancel_stops_a_long_batch_inside_the_model(comfyui):
     """Cancel (POST /interrupt) during a 16-frame batch at 1024: the prompt ends interrupted, without
     running the batch to the end. The latency on the full-size model is in benchmarks/comfyui_cancel.py."""
     prompt = _cutout_prompt("tiny", seed=0, workflow="remove_background", processing_res=1024)
-    prompt["20"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 16}}
+    load_image = next(i for i, n in prompt.items() if n["class_type"] == "LoadImage")
+    prompt["20"] = {"class_type": "RepeatImageBatch", "inputs": {"image": [load_image, 0], "amount": 16}}
     rb = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISRemoveBackground")
     prompt[rb]["inputs"]["image"] = ["20", 0]
     prompt_id = comfyui.queue(prompt)

@@ -1,0 +1,212 @@
+"""The example workflows in ComfyUI's real frontend, in headless Chromium, as a user would use them.
+
+Runs only when ``COMFYUI_PATH`` points to a ComfyUI (with a frontend: 0.21 brings 1.43) and the
+running Python has playwright and a Chromium (``CHROMIUM_PATH``, default /usr/bin/chromium, e.g.
+Debian's package; playwright's own browser download is not needed). The server is the one
+tests/test_comfyui_integration.py starts. Each UI workflow is dropped onto the canvas (a drop event
+with the file, as from a file manager); then no node may be missing or cover another, and every
+widget must hold the saved value. ``cutout.json`` is then run from the Run button. Screenshots go to
+``COMFYUI_SCREENSHOTS`` when set.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _integration_module():
+    """tests/test_comfyui_integration.py, for its ComfyUI server fixture."""
+    path = Path(__file__).with_name("test_comfyui_integration.py")
+    spec = importlib.util.spec_from_file_location("diffdis_test_comfyui_integration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_integration = _integration_module()
+COMFYUI_PATH, IMAGE_SIZE, PACK_FOLDER = _integration.COMFYUI_PATH, _integration.IMAGE_SIZE, _integration.PACK_FOLDER
+RUN_TIMEOUT_S = _integration.RUN_TIMEOUT_S
+comfyui = _integration.comfyui  # the module-scoped server fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+SCREENSHOTS = os.environ.get("COMFYUI_SCREENSHOTS")
+# Headless, offline, no first-run chores: the flags under which Chromium runs on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1600, "height": 900}
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="install playwright to run the browser test")
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run"),
+    pytest.mark.skipif(not shutil.which(CHROMIUM) and not Path(CHROMIUM).is_file(),
+                       reason=f"no Chromium at {CHROMIUM} (set CHROMIUM_PATH)"),
+]
+
+DROP_FILE = """async ([text, name]) => {
+    const data = new DataTransfer();
+    data.items.add(new File([text], name, {type: "application/json"}));
+    const canvas = document.querySelector("#graph-canvas");
+    for (const type of ["dragenter", "dragover", "drop"]) {
+        canvas.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true,
+                                                  clientX: 600, clientY: 400}));
+    }
+}"""
+
+GRAPH_STATE = """() => window.app.graph._nodes.map(node => ({
+    id: node.id, type: node.type, title: node.title,
+    registered: Boolean(LiteGraph.registered_node_types[node.type]),
+    rect: Array.from(node.boundingRect),
+    widgets: (node.widgets || []).map(w => [w.name, w.value]),
+    inputs: (node.inputs || []).filter(i => i.link != null).map(i => {
+        const link = window.app.graph.links.get ? window.app.graph.links.get(i.link) : window.app.graph.links[i.link];
+        return [i.name, link.origin_id, link.origin_slot];
+    }),
+}))"""
+
+
+@pytest.fixture(scope="module")
+def page(comfyui):  # noqa: F811
+    # A returning user: no first-run template browser over the canvas.
+    comfyui.post("/settings/Comfy.TutorialCompleted", True)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        messages = []
+        page.on("console", lambda message: messages.append(f"{message.type}: {message.text}"))
+        started = time.monotonic()
+        page.goto(comfyui.url)
+        page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
+                               "LiteGraph.registered_node_types['DiffDISRemoveBackground']", timeout=120_000)
+        print(f"\nfrontend ready in {time.monotonic() - started:.1f} s")
+        page.messages = messages
+        yield page
+        browser.close()
+
+
+def screenshot(page, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"))
+
+
+SAVED_BEFORE = ROOT / "tests" / "fixtures" / "saved_workflows" / "cutout_ui.json"
+
+
+def drop(page, name: str, path: Path | None = None) -> list[dict]:
+    """Drop workflows/<name>.json (or ``path``) onto the canvas; the graph's nodes once all are there."""
+    text = (path or WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")
+    expected = len(json.loads(text)["nodes"])
+    page.keyboard.press("Escape")
+    page.evaluate(DROP_FILE, [text, f"{name}.json"])
+    page.wait_for_function(f"() => window.app.graph._nodes.length === {expected}", timeout=30_000)
+    page.wait_for_timeout(1500)  # let the frontend finish sizing nodes and images
+    return page.evaluate(GRAPH_STATE)
+
+
+def overlapping(a: list[float], b: list[float]) -> bool:
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    return min(ax + aw, bx + bw) > max(ax, bx) and min(ay + ah, by + bh) > max(ay, by)
+
+
+@pytest.mark.parametrize("name", ["cutout", "remove_background", "generate_and_cutout"])
+def test_dropped_workflow_loads_whole_and_readable(page, name):
+    saved = {node["id"]: node for node in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]}
+    nodes = drop(page, name)
+    screenshot(page, name)
+    missing = [node["type"] for node in nodes if not node["registered"]]
+    assert not missing, f"missing nodes: {missing}"
+    assert not page.get_by_text(re.compile("missing node", re.IGNORECASE)).is_visible()
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            assert not overlapping(a["rect"], b["rect"]), f"{a['title']} {a['rect']} overlaps {b['title']} {b['rect']}"
+    # Every link lands on the input it was saved to, by name (core nodes reorder inputs between versions).
+    saved_links = {link[0]: link for link in json.loads((WORKFLOWS / f"{name}.json").read_text())["links"]}
+    expected_inputs = {}
+    for node in saved.values():
+        for socket in node["inputs"]:
+            if socket.get("link") is not None:
+                _, origin, slot, *_ = saved_links[socket["link"]]
+                expected_inputs.setdefault(node["id"], set()).add((socket["name"], origin, slot))
+    assert {node["id"]: {tuple(i) for i in node["inputs"]} for node in nodes if node["inputs"]} == expected_inputs
+    for node in nodes:
+        values = [value for widget_name, value in node["widgets"] if widget_name not in ("upload", "$$canvas-image-preview")]
+        expected = saved[node["id"]]["widgets_values"]
+        if node["type"] == "LoadImage":
+            continue  # its image is whatever the input folder has; the list check is the integration test's
+        assert values == expected, f"{node['title']}: {values} != {expected}"
+
+
+def test_a_workflow_saved_before_the_new_outputs_loads_and_keeps_its_links(page):
+    """cutout.json as shipped before Load DiffDIS had a second output: every node is there, the
+    model links still leave slot 0, and the frontend shows the new bg_removal_model output."""
+    saved = json.loads(SAVED_BEFORE.read_text())
+    nodes = drop(page, "saved_before", SAVED_BEFORE)
+    assert all(node["registered"] for node in nodes)
+    loader = next(node for node in saved["nodes"] if node["type"] == "DiffDISLoader")
+    links = [(name, origin, slot) for node in nodes for name, origin, slot in node["inputs"] if origin == loader["id"]]
+    assert len(links) == 3 and all(name == "model" and slot == 0 for name, origin, slot in links)
+    outputs = page.evaluate(f"() => window.app.graph.getNodeById({loader['id']}).outputs.map(o => o.type)")
+    assert outputs == ["DIFFDIS_MODEL", "BACKGROUND_REMOVAL"]
+
+
+def test_templates_dialog_has_the_workflows_with_thumbnails(comfyui):  # noqa: F811
+    templates = comfyui.get("/workflow_templates")[PACK_FOLDER]
+    assert sorted(templates) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    for name in templates:
+        with urllib_open(f"{comfyui.url}/api/workflow_templates/{PACK_FOLDER}/{name}.jpg") as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+
+
+def urllib_open(url: str):
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=30)
+
+
+def test_cutout_runs_from_the_run_button(page, comfyui):  # noqa: F811
+    drop(page, "cutout")
+    # The test picture and the tiny model's size; the model entry finds the complete models/diffdis/DiffDIS.
+    page.evaluate("""() => {
+        for (const node of window.app.graph._nodes) {
+            for (const widget of node.widgets || []) {
+                if (node.type === "LoadImage" && widget.name === "image") widget.value = "diffdis_test.png";
+                if (widget.name === "processing_res") widget.value = 64;
+            }
+        }
+    }""")
+    before = set(comfyui.get("/history"))
+    started = time.monotonic()
+    page.get_by_role("button", name=re.compile(r"^Run\b")).first.click()
+    entry = None
+    while time.monotonic() - started < RUN_TIMEOUT_S:
+        new = set(comfyui.get("/history")) - before
+        if new:
+            (prompt_id,) = new
+            entry = comfyui.wait(prompt_id)
+            break
+        time.sleep(0.2)
+    assert entry is not None, "the Run button queued nothing\n" + "\n".join(page.messages[-20:])
+    print(f"\ncutout.json from the Run button: done in {time.monotonic() - started:.1f} s")
+    page.wait_for_timeout(1000)
+    screenshot(page, "cutout_after_run")
+    prompt = entry["prompt"][2]
+    assert {node["class_type"] for node in prompt.values()} >= {"DiffDISLoader", "DiffDISEncodeCondition",
+                                                                 "DiffDISOneStepSegment", "DiffDISDecode",
+                                                                 "DiffDISApplyAlpha", "SaveImage"}
+    save_id = next(i for i, n in prompt.items() if n["class_type"] == "SaveImage")
+    (image,) = entry["outputs"][save_id]["images"]
+    with Image.open(comfyui.base / "output" / image["subfolder"] / image["filename"]) as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
+        alpha = np.asarray(cutout)[..., 3]
+    assert alpha.max() > alpha.min()
