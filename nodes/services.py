@@ -193,15 +193,21 @@ def _check_before_convolution(module, args) -> None:
     check_interrupted()  # looked up on each call, so tests can replace it
 
 
+def _convolutions(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The Conv2d layers of ``module``, except inside torch.compile'd parts (a hook added after
+    compiling would force a recompile)."""
+    compiled = {id(layer) for part in module.modules() if getattr(part, "_compiled_call_impl", None) is not None
+                for layer in part.modules()}
+    return [layer for layer in module.modules() if isinstance(layer, torch.nn.Conv2d) and id(layer) not in compiled]
+
+
 @contextlib.contextmanager
 def cancellable(*modules: torch.nn.Module) -> Iterator[None]:
     """Honour Cancel inside ``modules``' forward passes: before every convolution (the bulk of the
     work), not only between UNet calls or chunks. One 1024² VAE decode on a CPU takes many seconds;
     one of its convolutions a fraction of one. The hooks are removed on leaving."""
-    # Not inside torch.compile'd modules: a hook added after compiling would force a recompile.
     hooks = [layer.register_forward_pre_hook(_check_before_convolution)
-             for module in modules if getattr(module, "_compiled_call_impl", None) is None
-             for layer in module.modules() if isinstance(layer, torch.nn.Conv2d)]
+             for module in modules for layer in _convolutions(module)]
     try:
         yield
     finally:

@@ -751,6 +751,17 @@ def test_cancel_lands_inside_the_model_not_after_it(node, monkeypatch, official_
     assert checks == []
 
 
+def test_cancel_leaves_compiled_parts_alone(model, monkeypatch):
+    """A hook added to a torch.compile'd module forces a recompile: those parts are skipped."""
+    vae = model.pipeline.vae
+    all_convs = services._convolutions(vae)
+    monkeypatch.setattr(vae.decoder, "_compiled_call_impl", lambda *args, **kwargs: None, raising=False)
+    kept = services._convolutions(vae)
+    decoder_convs = {id(layer) for layer in vae.decoder.modules() if isinstance(layer, torch.nn.Conv2d)}
+    assert decoder_convs and not decoder_convs & {id(layer) for layer in kept}
+    assert len(kept) == len(all_convs) - len(decoder_convs)
+
+
 def test_out_of_memory_halves_the_chunk_and_retries(memory_chunks_only):
     sizes = []
 
