@@ -117,6 +117,8 @@ def comfyui(tmp_path_factory, official_tiny):
     extra_config = base / "extra_model_paths.yaml"
     extra_config.write_text(f"diffdis_test:\n    base_path: {elsewhere}\n    diffdis: diffdis_models\n")
     (base / "input").mkdir()
+    if (comfy / "input" / "example.png").is_file():  # what ComfyUI ships, and the workflows' Load Image names
+        shutil.copy(comfy / "input" / "example.png", base / "input" / "example.png")
     width, height = IMAGE_SIZE
     picture = np.zeros((height, width, 4), np.uint8)
     picture[..., 2] = np.linspace(0, 255, width, dtype=np.uint8)[None]
