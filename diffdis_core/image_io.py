@@ -1,74 +1,264 @@
-"""Reading any valid image as RGB in [0, 1], and writing masks and cutouts."""
+"""Reading images for the model and writing masks and cutouts, in memory bounded by the image size.
+
+A 100-megapixel photo is held once as 8-bit RGBA (4 bytes a pixel, the cutout being built in place);
+the pipeline resizes its 8-bit RGB view for the model, and the mask comes back to full size in bands,
+straight into 8 bits, so no full-size float copy is ever made. The mask's resizing is the pipeline's
+own (bilinear, antialiased when shrinking) done one axis at a time, which gives the same numbers.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+import torch.nn.functional as F
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import DiffDISError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm"}
+# The default pixel budget: 108-megapixel phone photos (12000 x 9000) pass; see the README for memory use.
+DEFAULT_MAX_MEGAPIXELS = 128
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+# Floats per band when resizing in bands (16 MB of float32).
+BAND_ELEMENTS = 1 << 22
+# The PNG text chunk that marks a result as written by DiffDIS (and with what settings).
+RESULT_KEY = "diffdis"
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as float RGB [3, H, W] in [0, 1], at its displayed size (EXIF orientation applied).
+@dataclass
+class LoadedImage:
+    """An input image at its displayed size (EXIF orientation applied).
 
-    Handles grayscale, alpha, palette, CMYK and 16-bit/float images; raises DiffDISError with the
-    reason for anything unreadable.
+    ``rgba``: [H, W, 4] uint8, the colours as the cutout stores them; channel 3 holds the image's own
+    alpha (255 where it has none) until the cutout's alpha replaces it. ``deep``: the grayscale
+    values of 16-bit or float images (white = ``deep_peak``), so the model sees their full precision.
+    """
+
+    rgba: np.ndarray
+    has_alpha: bool
+    deep: np.ndarray | None = None
+    deep_peak: float = 255.0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return int(self.rgba.shape[0]), int(self.rgba.shape[1])
+
+    def rgb(self) -> torch.Tensor:
+        """The pixels as RGB [3, H, W]: a uint8 view of ``rgba`` (no copy), or float in [0, 1] for
+        16-bit and float images."""
+        if self.deep is not None:
+            return torch.from_numpy(_deep_to_unit(self.deep, self.deep_peak))[None].expand(3, -1, -1)
+        return torch.from_numpy(self.rgba).permute(2, 0, 1)[:3]
+
+
+def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:
+    """Read an image file for the model: any PIL mode (grayscale, alpha, palette, CMYK, 16-bit, float).
+
+    ``max_pixels``: refuse larger images from their header, before decoding them. Every problem is a
+    DiffDISError naming the file and the reason.
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = pil_to_rgb_tensor(image)
-            return rgb.float() / 255 if rgb.dtype == torch.uint8 else rgb
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise DiffDISError(
+                        f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the budget of "
+                        f"{max_pixels / 1e6:g}; pass --max-megapixels {-(-width * height // 1_000_000)} (or 0 for no "
+                        "limit) if this machine has the memory")
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)
+                return _loaded(image)
     except FileNotFoundError:
         raise DiffDISError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DiffDISError(f"{path}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise DiffDISError(f"{path}: not an image file PIL can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise DiffDISError(f"{path}: {error}") from None
+    except MemoryError:
+        raise DiffDISError(f"{path}: not enough memory to decode it") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise DiffDISError(f"{path}: unreadable image ({error})") from None
 
 
 def pil_to_rgb_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image of any mode as RGB [3, H, W]: uint8 for 8-bit images (no float copy of a large
     photo), float in [0, 1] for 16-bit and float images."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit or float grayscale: convert("RGB") would clip to 8 bits.
-        array = np.asarray(image, dtype=np.float32)
-        peak = 1.0 if image.mode == "F" else 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        gray = np.clip(array / peak, 0.0, 1.0)
-        return torch.from_numpy(np.ascontiguousarray(gray))[None].expand(3, -1, -1).clone()
-    if image.mode not in ("RGB", "L"):
-        # Palette/LA/RGBA/CMYK/YCbCr...: through RGBA so palette transparency is honoured, then drop alpha.
-        image = image.convert("RGBA") if image.mode in ("P", "PA", "LA", "RGBa", "La") else image
-        image = image.convert("RGB")
-    array = np.array(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    return _loaded(image).rgb()
+
+
+def _loaded(image: Image.Image) -> LoadedImage:
+    width, height = image.size
+    rgba = np.empty((height, width, 4), np.uint8)
+    deep = np.asarray(image) if image.mode in HIGH_BIT_DEPTH_MODES else None
+    peak = _deep_peak(image) if deep is not None else 255.0
+    has_alpha = "A" in image.getbands() or "transparency" in image.info
+    step = max(1, BAND_ELEMENTS // max(1, width))
+    for top in range(0, height, step):
+        if deep is not None:
+            # Through float: PIL's own conversion clips 16-bit values to 8 bits.
+            gray = np.round(_deep_to_unit(deep[top:top + step], peak) * 255).astype(np.uint8)
+            rgba[top:top + step, :, :3] = gray[..., None]
+            rgba[top:top + step, :, 3] = 255
+        else:
+            # Through RGBA, so palette transparency is honoured; CMYK, YCbCr, LA, ... all convert.
+            band = image.crop((0, top, width, min(height, top + step)))
+            rgba[top:top + step] = np.asarray(band if band.mode == "RGBA" else _to_rgba(band))
+    return LoadedImage(rgba, has_alpha, deep, peak)
+
+
+def _to_rgba(band: Image.Image) -> Image.Image:
+    try:
+        return band.convert("RGBA")
+    except ValueError:
+        return band.convert("RGB").convert("RGBA")
+
+
+def _deep_peak(image: Image.Image) -> float:
+    """The white level of a 16-bit or float grayscale image (32-bit "I" images holding 8-bit values: 255)."""
+    if image.mode == "F":
+        return 1.0
+    if image.mode.startswith("I;16") or image.getextrema()[1] > 255:
+        return 65535.0
+    return 255.0
+
+
+def _deep_to_unit(array: np.ndarray, peak: float) -> np.ndarray:
+    """16-bit or float grayscale pixels -> float32 in [0, 1]."""
+    return np.clip(array.astype(np.float32) / np.float32(peak), 0.0, 1.0)
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> torch.Tensor:
+    """An image file as float RGB [3, H, W] in [0, 1] at its displayed size (a full-size float copy:
+    for the Python API; the command line keeps images in 8 bits)."""
+    rgb = open_image(path, max_pixels).rgb()
+    return rgb.float() / 255 if rgb.dtype == torch.uint8 else rgb.clone()
+
+
+# ---------------------------------------------------------------------------------------------- resizing
+def resize_banded(
+    source: Callable[[slice, slice], torch.Tensor],
+    in_size: tuple[int, int],
+    out_size: tuple[int, int],
+    sink: Callable[[slice, slice, torch.Tensor], None],
+    channels: int = 1,
+) -> None:
+    """Bilinear resize (antialiased when either side shrinks, as the pipeline's ``resize``), one axis at
+    a time, reading ``source(rows, cols)`` and writing ``sink(rows, cols, values)`` in bands.
+
+    Width then height gives exactly torch's 2-D result; for tall images the height goes first (a
+    smaller intermediate), which differs by float rounding (~1e-7) only.
+    """
+    (h, w), (out_h, out_w) = in_size, out_size
+    antialias = out_h < h or out_w < w
+
+    def interp(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == size:
+            return x
+        if x.shape[-1] == 1 == size[1]:
+            # torch's antialiased kernel gets a band 1 pixel wide wrong (torch 2.13): resize it as 2 wide.
+            return interp(x.expand(*x.shape[:-1], 2), (size[0], 2))[..., :1]
+        return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False,
+                             antialias=antialias)[0]
+
+    if h * out_w <= out_h * w * 2:  # width first: intermediate [C, h, out_w]
+        middle = torch.empty(channels, h, out_w)
+        step = max(1, BAND_ELEMENTS // (channels * max(w, out_w)))
+        for top in range(0, h, step):
+            rows = slice(top, min(h, top + step))
+            middle[:, rows] = interp(source(rows, slice(0, w)), (rows.stop - rows.start, out_w))
+        step = max(1, BAND_ELEMENTS // (channels * max(h, out_h)))
+        for left in range(0, out_w, step):
+            cols = slice(left, min(out_w, left + step))
+            sink(slice(0, out_h), cols, interp(middle[:, :, cols], (out_h, cols.stop - cols.start)))
+    else:  # height first: intermediate [C, out_h, w]
+        middle = torch.empty(channels, out_h, w)
+        step = max(1, BAND_ELEMENTS // (channels * max(h, out_h)))
+        for left in range(0, w, step):
+            cols = slice(left, min(w, left + step))
+            middle[:, :, cols] = interp(source(slice(0, h), cols), (out_h, cols.stop - cols.start))
+        step = max(1, BAND_ELEMENTS // (channels * max(w, out_w)))
+        for top in range(0, out_h, step):
+            rows = slice(top, min(out_h, top + step))
+            sink(rows, slice(0, out_w), interp(middle[:, rows], (rows.stop - rows.start, out_w)))
+
+
+def map_to_uint8(map_: torch.Tensor, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A float map in [0, 1] ([h, w], [1, h, w] or [1, 1, h, w]) -> uint8 [H, W], resized to ``size``
+    (height, width) in bands when given."""
+    map_ = map_.detach().float().cpu()
+    map_ = map_.reshape(1, *map_.shape[-2:])
+    size = tuple(size) if size is not None else tuple(map_.shape[-2:])
+    out = np.empty(size, np.uint8)
+
+    def put(ys: slice, xs: slice, values: torch.Tensor) -> None:
+        out[ys, xs] = (values[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+    resize_banded(lambda ys, xs: map_[:, ys, xs], tuple(map_.shape[-2:]), size, put)
+    return out
 
 
 def to_uint8(map_: torch.Tensor) -> np.ndarray:
     """A [H, W] (or [1, H, W], [1, 1, H, W]) float map in [0, 1] -> uint8 array."""
-    map_ = map_.detach().float().cpu()
-    return (map_.reshape(map_.shape[-2:]).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return map_to_uint8(map_)
 
 
 def cutout(rgb: torch.Tensor, mask: torch.Tensor) -> Image.Image:
-    """RGBA image: the RGB pixels with the mask (foreground = 1) as alpha."""
+    """RGBA image: float RGB [3, H, W] with the mask (foreground = 1) as alpha."""
     pixels = (rgb.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.dstack([pixels, to_uint8(mask)]), "RGBA")
 
 
-def save_image(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write atomically, so an interrupted run never leaves a truncated file behind."""
+def multiply_alpha(mask: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """mask x alpha for uint8 maps, rounded (in place into ``mask``, in bands)."""
+    step = max(1, BAND_ELEMENTS // max(1, mask.shape[1]))
+    for top in range(0, mask.shape[0], step):
+        rows = slice(top, top + step)
+        product = mask[rows].astype(np.uint32) * alpha[rows] + 127
+        mask[rows] = (product // 255).astype(np.uint8)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def save_image(image: Image.Image, path: str | os.PathLike, info: dict[str, Any] | None = None) -> None:
+    """Write a PNG atomically (an interrupted run never leaves a truncated file behind); ``info`` is
+    stored in the file as a JSON text chunk (``RESULT_KEY``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    pnginfo = None
+    if info is not None:
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text(RESULT_KEY, json.dumps(info, sort_keys=True))
+    try:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def result_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What ``save_image`` stored in a result (from the PNG header only), or None when ``path`` is not
+    a PNG written that way."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG" or RESULT_KEY not in image.info:
+                return None
+            info = json.loads(image.info[RESULT_KEY])
+            info["size"] = list(image.size)
+            return info
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return None

@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import DiffDISError
 from .spec import EMPTY_EMBED_KEY
@@ -20,14 +19,25 @@ TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"  # "text_model."-prefi
 
 
 def load_empty_embedding(path: str | os.PathLike) -> torch.Tensor:
-    try:
-        tensors = load_file(os.fspath(path))
-    except Exception as error:
-        raise DiffDISError(f"{path} is not a readable safetensors file ({error}); delete it to re-encode") from None
-    embed = tensors.get(EMPTY_EMBED_KEY)
-    if embed is None or embed.ndim != 3:
-        raise DiffDISError(f"{path} has no [1, tokens, dim] tensor '{EMPTY_EMBED_KEY}'; delete it to re-encode")
-    return embed.float()
+    from safetensors.torch import load_file
+
+    from .loading import safetensors_shapes
+
+    shapes = safetensors_shapes(path)  # a damaged file: one line saying how
+    shape = shapes.get(EMPTY_EMBED_KEY)
+    if shape is None or len(shape) != 3:
+        raise DiffDISError(f"{path} has no [1, tokens, width] tensor '{EMPTY_EMBED_KEY}'; delete it to re-encode it")
+    return load_file(os.fspath(path))[EMPTY_EMBED_KEY].float()
+
+
+def check_embedding_width(embed: torch.Tensor, width: object, source: str | os.PathLike) -> torch.Tensor:
+    """``embed`` if its width is the UNet's ``cross_attention_dim`` (``width``), else a DiffDISError."""
+    if isinstance(width, int) and embed.shape[-1] != width:
+        fix = "delete it to re-encode it" if str(source).endswith(".safetensors") else "use the text encoder of " \
+            "the UNet's base model"
+        raise DiffDISError(f"{source}: the empty-prompt embedding is {embed.shape[-1]} wide, but the UNet's "
+                           f"cross_attention_dim is {width} (they come from different models); {fix}")
+    return embed
 
 
 def save_empty_embedding(embed: torch.Tensor, path: str | os.PathLike) -> None:
@@ -43,18 +53,29 @@ def encode_empty_prompt(text_encoder_dir: str | os.PathLike, tokenizer_dir: str 
     """CLIP text-encoder output for "" tokenised without padding ([1, 2, dim]: start and end tokens)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from .loading import read_json, safetensors_shapes
+
     text_encoder_dir = Path(text_encoder_dir)
     weights = text_encoder_dir / "model.safetensors"
     if not weights.is_file():
         raise DiffDISError(f"no {weights}: the text encoder is read from safetensors only "
                            f"(or put {EMPTY_EMBED_KEY}.safetensors in the model folder)")
-    config = CLIPTextConfig.from_pretrained(text_encoder_dir)
-    # Some copies of the released config say the wrong hidden_size (authors' issue #3): trust the weights.
-    with safe_open(os.fspath(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+    read_json(text_encoder_dir / "config.json")
+    shapes = safetensors_shapes(weights)
+    try:
+        config = CLIPTextConfig.from_pretrained(text_encoder_dir)
+        # Some copies of the released config say the wrong hidden_size (authors' issue #3): trust the weights.
+        for key, shape in shapes.items():
             if key.endswith(TOKEN_EMBEDDING_KEY):
-                config.hidden_size = f.get_slice(key).get_shape()[1]
-    encoder = CLIPTextModel.from_pretrained(text_encoder_dir, config=config, use_safetensors=True).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+                config.hidden_size = shape[1]
+        encoder = CLIPTextModel.from_pretrained(text_encoder_dir, config=config, use_safetensors=True).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise DiffDISError(f"could not load the text encoder in {text_encoder_dir} "
+                           f"({str(error).strip().splitlines()[0]})") from None
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise DiffDISError(f"could not load the tokenizer in {tokenizer_dir} "
+                           f"({str(error).strip().splitlines()[0]}); it needs vocab.json and merges.txt") from None
     ids = tokenizer("", padding="do_not_pad", return_tensors="pt").input_ids
     return encoder(ids)[0].float()

@@ -13,7 +13,6 @@ Parameter names equal the authors' so their released state dict loads unchanged.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 from collections.abc import Sequence
@@ -29,7 +28,6 @@ from torch import nn
 
 from .configs import DIFFDIS_CONFIG_OVERRIDES, SD_TURBO_UNET_CONFIG
 from .errors import DiffDISError
-from .spec import UNET_WEIGHTS_NAMES
 
 # Keys a single-file repack (set-soft/RemBG ``DiffDIS_F16.safetensors``) adds around the UNet.
 REPACK_UNET_PREFIX = "unet."
@@ -267,11 +265,11 @@ class DiffDISUNet(UNet2DConditionModel):
         ``hub_kwargs`` go to huggingface-hub (``cache_dir``, ``local_files_only``, ``revision``, ``token``).
         """
         from .hub import resolve_unet_files
+        from .loading import read_json
 
         config_path, weights_path = resolve_unet_files(pretrained_model_name_or_path, subfolder, **hub_kwargs)
         if config_path is not None:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json(config_path)
         unet_state, _ = read_unet_state_dict(weights_path)
         return cls.from_state_dict(unet_state, config or SD_TURBO_UNET_CONFIG, torch_dtype, device,
                                    source=str(weights_path))
@@ -287,8 +285,13 @@ class DiffDISUNet(UNet2DConditionModel):
     ) -> DiffDISUNet:
         """Build the architecture on the meta device and assign the weights: strict, no random layer."""
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        with torch.device("meta"):
-            model = cls.from_config(config)
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except Exception as error:  # diffusers raises several types for impossible configs
+            raise DiffDISError(f"the UNet config for {source} cannot build a UNet ({type(error).__name__}: "
+                               f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); "
+                               "is unet/config.json damaged or from another model?") from None
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
@@ -315,10 +318,10 @@ def read_unet_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise DiffDISError(f"{path}: only .safetensors weights are loaded (pickled .bin/.ckpt files can run code)")
-    try:
-        state = load_file(path)
-    except Exception as error:  # safetensors raises several types for truncated or foreign files
-        raise DiffDISError(f"{path} is not a readable safetensors file ({error}); download it again") from None
+    from .loading import safetensors_shapes
+
+    safetensors_shapes(path)  # a truncated or foreign file: one line saying how, before any tensor is read
+    state = load_file(path)
     embed = state.pop(REPACK_EMBED_KEY, None)
     if any(k.startswith(REPACK_UNET_PREFIX) for k in state):
         state = {k[len(REPACK_UNET_PREFIX):]: v for k, v in state.items() if k.startswith(REPACK_UNET_PREFIX)}

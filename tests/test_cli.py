@@ -1,16 +1,22 @@
-"""The command line: python -m diffdis_core INPUT... --output DIR."""
+"""The command line: diffdis INPUT... --output DIR (also python -m diffdis_core)."""
 
+import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diffdis_core.cli import main
-from diffdis_core.image_io import load_image
+from diffdis_core import DiffDISError, DiffDISPipeline
+from diffdis_core.cli import collect_inputs, main
+from diffdis_core.image_io import load_image, result_info
 
+ROOT = Path(__file__).resolve().parent.parent
 ROOT_ARGS = ["--base", "none", "--resolution", "64"]
 
 
@@ -20,6 +26,21 @@ def cli(official_tiny, *args):
 
 def noise_image(height, width, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def summary(err):
+    lines = [line for line in err.splitlines() if " written, " in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the CLI loads a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(DiffDISPipeline, "from_pretrained", refuse)
 
 
 def test_cutout_is_rgba_at_the_displayed_size(tmp_path, official_tiny, tiny_pipeline):
@@ -49,9 +70,10 @@ def test_odd_but_valid_images_just_work(tmp_path, official_tiny):
     Image.new("CMYK", (16, 8), (0, 50, 100, 0)).save(src / "print.tiff")
     noise_image(21, 13).save(src / "web.webp")
     Image.new("RGB", (1, 1), (255, 0, 0)).save(src / "dot.bmp")
+    Image.new("1", (7, 5), 1).save(src / "bits.png")
     assert cli(official_tiny, str(src), "--output", str(tmp_path / "out"), "--save-mask", "--save-edge") == 0
     expected = {"gray": (20, 10), "alpha": (12, 14), "deep": (20, 15), "palette": (9, 9), "print": (16, 8),
-                "web": (13, 21), "dot": (1, 1)}
+                "web": (13, 21), "dot": (1, 1), "bits": (7, 5)}
     for stem, size in expected.items():
         assert Image.open(tmp_path / "out" / f"{stem}.png").size == size
         assert Image.open(tmp_path / "out" / f"{stem}_mask.png").mode == "L"
@@ -63,17 +85,57 @@ def test_sixteen_bit_input_keeps_its_range(tmp_path):
     assert torch.allclose(load_image(tmp_path / "white16.png"), torch.ones(3, 4, 4))
 
 
-def test_broken_file_is_one_line_and_the_rest_still_run(tmp_path, official_tiny, capsys):
-    noise_image(16, 16).save(tmp_path / "good.png")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    (tmp_path / "cut.jpg").write_bytes(open(tmp_path / "good.png", "rb").read()[:40])
-    code = cli(official_tiny, str(tmp_path / "*.*"), "--output", str(tmp_path / "out"))
+def test_rerun_resumes_and_adds_missing_extras(tmp_path, official_tiny, capsys, monkeypatch):
+    for i in range(3):
+        noise_image(16, 24, seed=i).save(tmp_path / f"{i}.jpg")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "*.jpg"), "--output", str(out)]
+    assert cli(official_tiny, *args) == 0
+    assert summary(capsys.readouterr().err).startswith("3 written, 0 already done, 0 failed")
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # A resumed batch whose work is all done: exit 0, says so, touches nothing, loads no model.
+    with monkeypatch.context() as patch:
+        patch.setattr(DiffDISPipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+        assert cli(official_tiny, *args) == 0
+        line = summary(capsys.readouterr().err)
+        assert line.startswith("0 written, 3 already done, 0 failed") and "all inputs were already done" in line
+        # --save-mask on finished cutouts: the mask is their alpha, no model run, the cutouts stay.
+        assert cli(official_tiny, *args, "--save-mask") == 0
+        assert summary(capsys.readouterr().err).startswith("3 written, 0 already done, 0 failed")
+    for i in range(3):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i}_mask.png")),
+                              np.asarray(Image.open(out / f"{i}.png"))[..., 3])
+        assert (out / f"{i}.png").read_bytes() == first[f"{i}.png"]
+
+    # --save-edge needs the model: only the edges are written.
+    (out / "1_mask.png").unlink()
+    assert cli(official_tiny, *args, "--save-mask", "--save-edge") == 0
+    assert summary(capsys.readouterr().err).startswith("3 written, 0 already done, 0 failed")
+    for i in range(3):
+        assert Image.open(out / f"{i}_edge.png").mode == "L"
+        assert (out / f"{i}.png").read_bytes() == first[f"{i}.png"]
+    assert np.array_equal(np.asarray(Image.open(out / "1_mask.png")), np.asarray(Image.open(out / "1.png"))[..., 3])
+
+    # Other settings: kept (resumable), but pointed out.
+    assert cli(official_tiny, *args, "--seed", "5") == 0
     err = capsys.readouterr().err
-    assert code == 1
-    assert "Traceback" not in err
-    assert any("broken.png" in line and line.startswith("skipped") for line in err.splitlines())
-    assert any("cut.jpg" in line and line.startswith("skipped") for line in err.splitlines())
-    assert (tmp_path / "out" / "good.png").is_file()
+    assert "3 already done" in summary(err) and "other settings" in err
+
+
+def test_a_file_diffdis_did_not_write_is_never_overwritten(tmp_path, official_tiny, capsys):
+    noise_image(16, 16).save(tmp_path / "a.jpg")
+    noise_image(16, 16, seed=1).save(tmp_path / "b.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"the user's own file")
+    assert cli(official_tiny, str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "--output", str(out)) == 1
+    err = capsys.readouterr().err
+    assert (out / "a.png").read_bytes() == b"the user's own file"
+    assert "is not a DiffDIS cutout" in err and "--overwrite" in err
+    assert summary(err).startswith("1 written, 0 already done, 1 failed")
+    assert cli(official_tiny, str(tmp_path / "a.jpg"), "--output", str(out), "--overwrite") == 0
+    assert Image.open(out / "a.png").mode == "RGBA"
 
 
 def test_never_overwrites_an_input(tmp_path, official_tiny, capsys):
@@ -84,31 +146,167 @@ def test_never_overwrites_an_input(tmp_path, official_tiny, capsys):
     assert "would overwrite an input" in capsys.readouterr().err
 
 
-def test_existing_results_need_overwrite(tmp_path, official_tiny, capsys):
-    noise_image(16, 16).save(tmp_path / "a.jpg")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "a.png").write_bytes(b"the user's own file")
-    assert cli(official_tiny, str(tmp_path / "a.jpg"), "--output", str(out)) == 1
-    assert (out / "a.png").read_bytes() == b"the user's own file"
-    assert "--overwrite" in capsys.readouterr().err
-    assert cli(official_tiny, str(tmp_path / "a.jpg"), "--output", str(out), "--overwrite") == 0
-    assert Image.open(out / "a.png").mode == "RGBA"
-
-
-def test_same_stem_twice_is_refused_for_the_second(tmp_path, official_tiny, capsys):
+def test_same_name_twice_is_refused_for_the_second(tmp_path, official_tiny, capsys):
     noise_image(16, 16).save(tmp_path / "x.png")
     noise_image(16, 16).save(tmp_path / "x.jpg")
     assert cli(official_tiny, str(tmp_path / "x.jpg"), str(tmp_path / "x.png"), "--output", str(tmp_path / "o")) == 1
-    assert "same name" in capsys.readouterr().err
+    assert "result name is taken by" in capsys.readouterr().err
+
+
+def test_broken_files_are_one_line_each_and_the_rest_still_run(tmp_path, official_tiny, capsys):
+    noise_image(16, 16).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "cut.jpg").write_bytes(open(tmp_path / "good.png", "rb").read()[:40])
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
+    code = cli(official_tiny, str(tmp_path / "*.*"), str(tmp_path / "missing.png"), "--output", str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    for name in ("broken.png", "cut.jpg", "dangling.jpg", "missing.png"):
+        assert sum(name in line for line in err.splitlines()) == 1, name
+    assert summary(err).startswith("1 written, 0 already done, 4 failed")
+    assert (tmp_path / "out" / "good.png").is_file()
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(details)"),
+     "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    (DiffDISError("the model gave non-finite values (damaged weights?)"), "non-finite values"),
+    (MemoryError(), "out of memory"),
+])
+def test_any_failure_inside_inference_stops_only_that_image(tmp_path, official_tiny, capsys, monkeypatch, failure,
+                                                            reason):
+    for i in range(3):
+        noise_image(16, 16, seed=i).save(tmp_path / f"{i}.png")
+    calls = []
+    original = DiffDISPipeline.__call__
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise failure
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffDISPipeline, "__call__", flaky)
+    assert cli(official_tiny, str(tmp_path), "--output", str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    failed = [line for line in err.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "1.png" in failed[0] and reason in failed[0] and "details" not in err
+    assert summary(err).startswith("2 written, 0 already done, 1 failed")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "2.png"]
+
+
+def test_output_problems_are_found_before_the_model_loads(tmp_path, official_tiny, capsys, no_model):
+    noise_image(16, 16).save(tmp_path / "a.png")
+    (tmp_path / "file").write_text("in the way")
+    assert cli(official_tiny, str(tmp_path / "a.png"), "--output", str(tmp_path / "file" / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user who can write anywhere")
+    assert cli(official_tiny, str(tmp_path / "a.png"), "--output", str(locked)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write there" in err[0]
+
+
+def test_write_error_for_one_image_is_one_line_and_the_rest_go_on(tmp_path, official_tiny, capsys):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    noise_image(16, 16).save(src / "top.png")
+    noise_image(16, 16, seed=1).save(src / "sub" / "deep.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where the mirrored folder should go")
+    assert cli(official_tiny, str(src), "--recursive", "--output", str(out)) == 1
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "deep.png" in failed[0] and "sub" in failed[0]
+    assert (out / "top.png").is_file()
+
+
+def test_recursive_mirrors_the_input_tree(tmp_path, official_tiny, capsys):
+    src = tmp_path / "shoot"
+    for folder in ("a", "b", "b/c"):
+        (src / folder).mkdir(parents=True)
+        noise_image(16, 16).save(src / folder / "x.jpg")
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert cli(official_tiny, str(src), "--recursive", "--output", str(out)) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a/x.png", "b/c/x.png", "b/x.png"]
+    err = capsys.readouterr().err
+    assert "notes.txt" in err  # named, not a failure
+    # Without --recursive the folder has no images of its own: named, exit 1.
+    assert cli(official_tiny, str(src), "--output", str(tmp_path / "flat")) == 1
+    assert "--recursive" in capsys.readouterr().err
+    # An output folder inside the input tree is not searched: a re-run is all done.
+    inside = src / "cutouts"
+    assert cli(official_tiny, str(src), "--recursive", "--output", str(inside)) == 0
+    capsys.readouterr()
+    assert cli(official_tiny, str(src), "--recursive", "--output", str(inside)) == 0
+    assert summary(capsys.readouterr().err).startswith("0 written, 3 already done")
+
+
+def test_input_alpha_is_ignored_by_default_and_kept_on_request(tmp_path, official_tiny):
+    pixels = np.asarray(noise_image(16, 16)).copy()
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[:, 8:] = 255
+    alpha[:4] = 128
+    Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(tmp_path / "a.png")
+    assert cli(official_tiny, str(tmp_path / "a.png"), "--output", str(tmp_path / "plain"), "--save-mask") == 0
+    assert cli(official_tiny, str(tmp_path / "a.png"), "--output", str(tmp_path / "kept"), "--save-mask",
+               "--keep-input-alpha") == 0
+    mask = np.asarray(Image.open(tmp_path / "plain" / "a_mask.png")).astype(np.uint32)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "a.png"))[..., 3], mask)
+    kept = np.asarray(Image.open(tmp_path / "kept" / "a.png"))
+    assert np.array_equal(kept[..., 3], ((mask * alpha + 127) // 255).astype(np.uint8))
+    assert np.array_equal(kept[..., :3], pixels)
+    # The mask is the prediction either way; a cutout with multiplied alpha is not a source for it.
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "kept" / "a_mask.png")), mask)
+    assert result_info(tmp_path / "kept" / "a.png")["alpha"] != result_info(tmp_path / "plain" / "a.png")["alpha"]
+
+
+def test_pixel_budget_refuses_from_the_header(tmp_path, official_tiny, capsys):
+    Image.new("1", (3000, 2000)).save(tmp_path / "big.png")  # 6 megapixels, a few hundred bytes
+    noise_image(16, 16).save(tmp_path / "small.png")
+    assert cli(official_tiny, str(tmp_path), "--output", str(tmp_path / "out"), "--max-megapixels", "5") == 1
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "big.png" in line)
+    assert "3000x2000" in line and "--max-megapixels 6" in line
+    assert (tmp_path / "out" / "small.png").is_file()
+
+
+def test_symlink_loops_and_dangling_links_in_globs(tmp_path):
+    root = tmp_path / "loop"
+    (root / "a").mkdir(parents=True)
+    noise_image(4, 4).save(root / "top.jpg")
+    noise_image(4, 4).save(root / "a" / "inner.jpg")
+    os.symlink(root, root / "a" / "back")  # loop/a/back -> loop
+    os.symlink(root / "nowhere.jpg", root / "a" / "dangling.jpg")
+    started = time.perf_counter()
+    found = collect_inputs([str(root / "**" / "*.jpg")], recursive=False)
+    assert time.perf_counter() - started < 5
+    assert sorted(job.name.as_posix() for job in found.jobs) == ["a/inner", "top"]
+    assert any("dangling.jpg" in line for line in found.failures)
+    assert any("back" in line and "links back" in line for line in found.notes)
+    found = collect_inputs([str(root)], recursive=True)
+    assert sorted(job.name.as_posix() for job in found.jobs) == ["a/inner", "top"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "does not exist"),
-    (["--resolution", "100"], "multiple of 8"),
+    (["--model", "tests/fixture/official_tiny"], "did you mean"),
+    (["--resolution", "100"], "multiple of 64"),
     (["--device", "nosuchdevice"], "not usable"),
+    (["--max-megapixels", "-1"], "max-megapixels"),
 ])
-def test_user_mistakes_are_one_line_errors(tmp_path, official_tiny, capsys, args, message):
+def test_user_mistakes_are_one_line_errors(tmp_path, official_tiny, capsys, monkeypatch, args, message):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("sent to the Hub"))
+    monkeypatch.chdir(ROOT)
     noise_image(8, 8).save(tmp_path / "a.png")
     code = main([str(tmp_path / "a.png"), "--output", str(tmp_path / "out"), "--model", str(official_tiny),
                  "--base", "none", "--resolution", "64", *args])
@@ -117,6 +315,100 @@ def test_user_mistakes_are_one_line_errors(tmp_path, official_tiny, capsys, args
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
 
 
-def test_module_entry_point():
+def test_offline_hub_error_names_the_option_and_the_files(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    noise_image(8, 8).save(tmp_path / "a.png")
+    assert main([str(tmp_path / "a.png"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: --model qianyu1217/diffdis: could not get") and "LocalEntryNotFound" in err[0]
+    assert len(err) <= 10 and any("hf download qianyu1217/diffdis" in line for line in err)
+    assert any(line.strip() == "unet/: config.json, diffusion_pytorch_model.safetensors" for line in err)
+    assert not any("empty_text_embed" in line for line in err)  # neither repo has it
+
+
+def test_entry_points():
     result = subprocess.run([sys.executable, "-m", "diffdis_core", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--save-edge" in result.stdout
+    assert result.returncode == 0 and "--save-edge" in result.stdout and result.stdout.startswith("usage: diffdis ")
+
+
+LAUNCH_WRAPPER = """
+import os, sys
+from diffdis_core import cli
+
+original = cli.Worker.__call__
+
+def logged(self, task):
+    with open(os.environ["DIFFDIS_TEST_LOG"], "a") as log:
+        log.write(f"{os.environ.get('RANK')} {task.job.source.name}\\n")
+    return original(self, task)
+
+cli.Worker.__call__ = logged
+sys.exit(cli.main())
+"""
+
+
+def test_two_processes_share_the_images(tmp_path, official_tiny):
+    """accelerate launch --multi_gpu --num_processes 2 on a CPU machine: a gloo run, each image once."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        noise_image(12 + i, 20, seed=i).save(src / f"{i}.png")
+    (tmp_path / "launch.py").write_text(LAUNCH_WRAPPER)
+    args = [str(src), "--model", str(official_tiny), *ROOT_ARGS, "--dtype", "fp32", "--seed", "7"]
+    env = {**os.environ, "DIFFDIS_TEST_LOG": str(tmp_path / "log"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "launch.py"),
+                             *args, "--output", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
+    assert sorted(name for _, name in log) == [f"{i}.png" for i in range(5)]  # each image exactly once
+    assert {rank for rank, _ in log} == {"0", "1"}
+    assert summary(result.stderr).startswith("5 written, 0 already done, 0 failed")
+
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    for i in range(5):
+        one = np.asarray(Image.open(tmp_path / "one" / f"{i}.png")).astype(int)
+        two = np.asarray(Image.open(tmp_path / "two" / f"{i}.png")).astype(int)
+        assert np.abs(one - two).max() <= 1
+
+
+@pytest.mark.parametrize("height, width", [(300, 200), (200, 300), (40, 30), (70, 500), (64, 64)])
+def test_banded_resizing_gives_the_pipelines_numbers(monkeypatch, height, width):
+    """The CLI resizes 8-bit images for the model, and masks back, in bands: same numbers as one
+    bilinear resize (antialiased when shrinking) of the whole float image."""
+    import torch.nn.functional as F
+
+    from diffdis_core import image_io
+
+    def resize(x, size):
+        shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+    monkeypatch.setattr(image_io, "BAND_ELEMENTS", 3000)  # many bands even for small images
+    rgba = np.random.default_rng(0).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    expected = resize(torch.from_numpy(rgba[..., :3]).permute(2, 0, 1)[None].float() / 255, (64, 64))[0]
+    assert (image_io.LoadedImage(rgba, False).model_input(64) - expected.clamp(0, 1)).abs().max() < 1e-5
+
+    small = torch.rand(64, 64, generator=torch.Generator().manual_seed(0))
+    expected = (resize(small[None, None], (height, width))[0, 0].clamp(0, 1) * 255).round().numpy()
+    banded = image_io.map_to_uint8(small, (height, width)).astype(np.float32)
+    assert np.abs(banded - expected).max() <= 1 and (banded == expected).mean() > 0.99
+
+
+def test_one_pixel_wide_images_resize_like_their_wider_copies():
+    from diffdis_core import image_io
+
+    rgba = np.random.default_rng(0).integers(0, 256, (300, 1, 4), dtype=np.uint8)
+    narrow = image_io.LoadedImage(rgba, False).model_input(64)
+    wide = image_io.LoadedImage(np.repeat(rgba, 2, axis=1), False).model_input(64)
+    assert (narrow - wide).abs().max() < 1e-5

@@ -164,6 +164,116 @@ def test_hub_repo_downloads_only_what_is_needed(tmp_path, official_tiny, monkeyp
 def test_offline_hub_failure_says_which_files_go_where(tmp_path):
     with pytest.raises(DiffDISError) as error:
         DiffDISPipeline.from_pretrained("qianyu1217/diffdis", base=None, cache_dir=tmp_path, local_files_only=True)
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("model=qianyu1217/diffdis: could not get unet/, vae/")
+    assert len(lines) <= 10 and all(len(line) < 200 for line in lines)
+    assert "hf download qianyu1217/diffdis" in lines[1] and "pass model=diffdis" in lines[2]
+    assert "    unet/: config.json, diffusion_pytorch_model.safetensors" in lines
+    assert "    vae/: config.json, diffusion_pytorch_model.safetensors" in lines
+
+
+def test_base_repo_failure_names_the_base_option(tmp_path, official_tiny, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from diffdis_core.hub import option_names
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    shutil.copytree(official_tiny / "unet", tmp_path / "unet")
+    with option_names(model="--model ", base="--base "), pytest.raises(DiffDISError) as error:
+        DiffDISPipeline.from_pretrained(tmp_path / "unet", base="stabilityai/sd-turbo")
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("--base stabilityai/sd-turbo: could not get vae/")
+    assert "then pass --base sd-turbo; it needs:" in lines[2] and "    vae/: config.json, " \
+        "diffusion_pytorch_model.safetensors" in lines
+
+
+@pytest.mark.parametrize("name", ["models/DiffDIS", "./DiffDIS", "~/no-such-diffdis-folder", "DiffDIS.safetensors"])
+def test_a_name_that_looks_local_is_never_sent_to_the_hub(tmp_path, monkeypatch, name):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("sent to the Hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "diffdis").mkdir()
+    with pytest.raises(DiffDISError, match="does not exist") as error:
+        DiffDISPipeline.from_pretrained(name, base=None)
+    assert len(str(error.value).splitlines()) == 1
+    if name == "models/DiffDIS":
+        assert "did you mean models/diffdis" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+def one_line_error(model, match, **kwargs):
+    with pytest.raises(DiffDISError, match=match) as error:
+        DiffDISPipeline.from_pretrained(model, base=None, **kwargs)
     message = str(error.value)
-    assert "\n" not in message
-    assert "unet/diffusion_pytorch_model.safetensors" in message and "vae/" in message
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+def test_truncated_local_unet_says_truncated_not_download(tiny_model_dir):
+    weights = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    message = one_line_error(tiny_model_dir, "is truncated")
+    assert str(weights) in message and f"{len(data) // 2:,} of {len(data):,} bytes" in message
+    assert "replace it with a complete copy" in message and "download" not in message
+
+
+def test_pickle_disguised_as_safetensors_is_named(tiny_model_dir):
+    weights = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save({"x": torch.zeros(2)}, weights)  # a zip archive
+    one_line_error(tiny_model_dir, "is not a safetensors file")
+
+
+def test_vae_missing_a_tensor_is_named_before_loading(tiny_model_dir):
+    weights = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["decoder.conv_out.bias"]
+    save_file(state, str(weights))
+    message = one_line_error(tiny_model_dir, "lacks 1 tensor")
+    assert str(weights) in message and "decoder.conv_out.bias" in message
+
+
+def test_truncated_vae_is_named(tiny_model_dir):
+    weights = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    one_line_error(tiny_model_dir, "is truncated")
+
+
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_invalid_config_json_is_named(tiny_model_dir, part):
+    config = tiny_model_dir / part / "config.json"
+    config.write_text(config.read_text()[:-20])
+    message = one_line_error(tiny_model_dir, "is not valid JSON")
+    assert str(config) in message
+
+
+def test_config_that_cannot_build_a_unet_is_named(tiny_model_dir):
+    config = tiny_model_dir / "unet" / "config.json"
+    data = json.loads(config.read_text())
+    data["down_block_types"] = ["NoSuchBlock2D"] * 4
+    config.write_text(json.dumps(data))
+    one_line_error(tiny_model_dir, "cannot build a UNet")
+
+
+def test_invalid_scheduler_config_is_named(tiny_model_dir):
+    (tiny_model_dir / "scheduler" / "scheduler_config.json").write_text("{not json")
+    one_line_error(tiny_model_dir, "scheduler_config.json is not valid JSON")
+
+
+def test_empty_prompt_embedding_of_the_wrong_width_is_named(tiny_model_dir):
+    embed = tiny_model_dir / EMPTY_EMBED_FILE
+    save_file({"empty_text_embed": torch.zeros(1, 2, 16)}, str(embed))
+    message = one_line_error(tiny_model_dir, "16 wide, but the UNet's cross_attention_dim is 32")
+    assert str(embed) in message and "delete it" in message
+
+
+def test_truncated_embedding_is_named(tiny_model_dir):
+    embed = tiny_model_dir / EMPTY_EMBED_FILE
+    embed.write_bytes(embed.read_bytes()[:50])
+    one_line_error(tiny_model_dir, str(embed))
