@@ -447,6 +447,8 @@ def run(args: argparse.Namespace) -> int:
                 counts["failed"] += 1
 
     total = {key: sum(c[key] for c in _gather(state, [counts])) for key in counts}
+    if state is not None:
+        state.destroy_process_group()  # together, so no process exits while another still talks to it
     elapsed = time.perf_counter() - started if started is not None else 0.0  # after the model loaded
     if is_main:
         rate = f", {total['written'] / elapsed:.2f} images/s" if total["written"] and elapsed > 0 else ""
