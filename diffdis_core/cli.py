@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action="store_true",
                         help="also search subfolders of folder inputs; the results mirror the folder tree")
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
-                        help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS}; 0: no limit); memory grows "
-                             "by about 6 bytes per pixel")
+                        help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS}; 0: no limit); an image "
+                             "takes 4 to 7 bytes a pixel besides the model")
     parser.add_argument("--low-memory", action="store_true",
                         help="on CPU, return freed memory to the system at once: about 20%% slower, "
                              "a quarter to half less peak memory")

@@ -198,6 +198,23 @@ def test_any_failure_inside_inference_stops_only_that_image(tmp_path, official_t
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "2.png"]
 
 
+def test_damaged_weights_giving_nan_fail_each_image_in_one_line(tmp_path, tiny_model_dir, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_out.bias"] = torch.full_like(state["conv_out.bias"], float("nan"))
+    save_file(state, str(weights))
+    for i in range(2):
+        noise_image(16, 16, seed=i).save(tmp_path / f"{i}.png")
+    assert main([str(tmp_path / "*.png"), "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                 *ROOT_ARGS]) == 1
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("failed")]
+    assert len(failed) == 2 and all("NaN" in line for line in failed) and "Traceback" not in err
+    assert not (tmp_path / "out" / "0.png").exists()  # no empty cutout
+
+
 def test_output_problems_are_found_before_the_model_loads(tmp_path, official_tiny, capsys, no_model):
     noise_image(16, 16).save(tmp_path / "a.png")
     (tmp_path / "file").write_text("in the way")
