@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-normalize", action="store_true", help="skip the authors' per-image min-max normalisation")
     parser.add_argument("--save-mask", action="store_true", help="also write <name>_mask.png (8-bit)")
     parser.add_argument("--save-edge", action="store_true", help="also write <name>_edge.png (decodes the edge too)")
+    parser.add_argument("--no-refine-edges", action="store_true",
+                        help="enlarge the mask bilinearly instead of along the image's edges (images larger "
+                             "than --resolution; default: refined, sharper hair and wires)")
+    parser.add_argument("--no-refine-foreground", action="store_true",
+                        help="keep the image's own colours where the mask is soft (default: the foreground's "
+                             "colours are estimated there, so no fringe of the old background shows)")
     parser.add_argument("--keep-input-alpha", action="store_true",
                         help="multiply an input's own transparency into the cutout's alpha (default: the cutout's "
                              "alpha is the predicted mask; the input's alpha is ignored)")
@@ -252,7 +258,8 @@ def plan_tasks(inputs: Inputs, output: Path, kinds: list[str]) -> list[Task]:
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """What a result depends on, stored in it (a resumed run with other settings is pointed out)."""
     return {"model": args.model, "base": args.base, "resolution": args.resolution, "seed": args.seed,
-            "tta": args.tta, "ensemble": args.ensemble, "normalize": not args.no_normalize}
+            "tta": args.tta, "ensemble": args.ensemble, "normalize": not args.no_normalize,
+            "refine_edges": not args.no_refine_edges, "refine_foreground": not args.no_refine_foreground}
 
 
 def classify(task: Task, overwrite: bool, settings: dict[str, Any]) -> None:
@@ -350,6 +357,7 @@ class Worker:
         from PIL import Image
 
         from .image_io import map_to_uint8, multiply_alpha, open_image
+        from .matting import estimate_foreground, refine_alpha
 
         args = self.args
         image = open_image(task.job.source, self.max_pixels)
@@ -359,7 +367,19 @@ class Worker:
         result = self.pipe(image.rgb()[None], processing_res=args.resolution, generator=generator,
                            ensemble_size=args.ensemble, tta=args.tta, decode_edge="edge" in task.kinds,
                            minmax=not args.no_normalize, output_size=False)
-        mask = map_to_uint8(_first(result.mask), image.size)
+        square = _first(result.mask)
+        square = square.reshape(1, 1, *square.shape[-2:]).float()
+        colours = image.rgb()[None]
+        colours = colours.float() / 255 if colours.dtype == torch.uint8 else colours
+        if not args.no_refine_edges and max(image.size) > args.resolution:
+            mask = map_to_uint8(refine_alpha(colours, square))  # along the image's edges, at full size
+        else:
+            mask = map_to_uint8(square, image.size)  # bilinear, in bands
+        if "cutout" in task.kinds and not args.no_refine_foreground:
+            # The subject's own colours where the mask is soft (no fringe of the old background).
+            alpha = torch.from_numpy(mask)[None, None].float() / 255
+            foreground = estimate_foreground(colours, alpha)[0].clamp_(0, 1).mul_(255).round_()
+            image.rgba[..., :3] = foreground.to(torch.uint8).permute(1, 2, 0).numpy()
         if "mask" in task.kinds:
             self._save(Image.fromarray(mask, "L"), task, "mask")
         if "edge" in task.kinds:

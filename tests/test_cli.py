@@ -49,7 +49,7 @@ def test_cutout_is_rgba_at_the_displayed_size(tmp_path, official_tiny, tiny_pipe
     exif[0x0112] = 6  # EXIF orientation: rotate 90° for display
     image.save(tmp_path / "photo.jpg", exif=exif)
     assert cli(official_tiny, str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "out"), "--seed", "3",
-               "--dtype", "fp32") == 0
+               "--dtype", "fp32", "--no-refine-foreground") == 0
     result = Image.open(tmp_path / "out" / "photo.png")
     assert result.mode == "RGBA" and result.size == (30, 50)  # width, height after rotation
     rgb = load_image(tmp_path / "photo.jpg")
@@ -275,7 +275,7 @@ def test_input_alpha_is_ignored_by_default_and_kept_on_request(tmp_path, officia
     Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(tmp_path / "a.png")
     assert cli(official_tiny, str(tmp_path / "a.png"), "--output", str(tmp_path / "plain"), "--save-mask") == 0
     assert cli(official_tiny, str(tmp_path / "a.png"), "--output", str(tmp_path / "kept"), "--save-mask",
-               "--keep-input-alpha") == 0
+               "--keep-input-alpha", "--no-refine-foreground") == 0
     mask = np.asarray(Image.open(tmp_path / "plain" / "a_mask.png")).astype(np.uint32)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "a.png"))[..., 3], mask)
     kept = np.asarray(Image.open(tmp_path / "kept" / "a.png"))
@@ -426,3 +426,32 @@ def test_one_pixel_wide_masks_resize_like_their_wider_copies(monkeypatch):
     narrow = image_io.map_to_uint8(small[:, :1], (300, 1))
     wide = image_io.map_to_uint8(small[:, :1].expand(64, 2), (300, 2))
     assert np.array_equal(narrow[:, 0], wide[:, 0])
+
+
+def test_cutouts_are_refined_by_default(tmp_path, official_tiny):
+    """Large images: the mask follows the image's edges; soft alpha: the foreground's own colours."""
+    from diffdis_core import estimate_foreground, refine_alpha
+    from diffdis_core.image_io import map_to_uint8
+
+    noise_image(150, 120, seed=4).save(tmp_path / "big.png")  # larger than the processing size (64)
+    assert cli(official_tiny, str(tmp_path / "big.png"), "--output", str(tmp_path / "refined"), "--save-mask",
+               "--dtype", "fp32") == 0
+    assert cli(official_tiny, str(tmp_path / "big.png"), "--output", str(tmp_path / "plain"), "--save-mask",
+               "--dtype", "fp32", "--no-refine-edges", "--no-refine-foreground") == 0
+    pipe = DiffDISPipeline.from_pretrained(official_tiny, base=None)
+    pixels = torch.from_numpy(np.array(Image.open(tmp_path / "big.png")))
+    colours = pixels.permute(2, 0, 1)[None].float() / 255
+    square = pipe(pixels.permute(2, 0, 1)[None], processing_res=64, generator=torch.Generator().manual_seed(0),
+                  decode_edge=False, output_size=False).mask
+    refined_mask = np.asarray(Image.open(tmp_path / "refined" / "big_mask.png"))
+    plain_mask = np.asarray(Image.open(tmp_path / "plain" / "big_mask.png"))
+    assert np.array_equal(refined_mask, map_to_uint8(refine_alpha(colours, square)))
+    assert np.array_equal(plain_mask, map_to_uint8(square, (150, 120)))
+    assert np.abs(refined_mask.astype(int) - plain_mask).max() > 2
+    refined = np.asarray(Image.open(tmp_path / "refined" / "big.png"))
+    foreground = estimate_foreground(colours, torch.from_numpy(refined_mask)[None, None].float() / 255)
+    expected = (foreground[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(refined[..., :3], expected) and np.array_equal(refined[..., 3], refined_mask)
+    plain = np.asarray(Image.open(tmp_path / "plain" / "big.png"))
+    assert np.array_equal(plain[..., :3], pixels.numpy())
+    assert not np.array_equal(refined[..., :3], plain[..., :3])
