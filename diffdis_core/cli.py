@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "else fp16 on GPUs and fp32 on CPUs")
     parser.add_argument("--tta", action="store_true",
                         help="the authors' flip x 3-scale test-time augmentation (6x slower)")
-    parser.add_argument("--ensemble", type=int, default=1, help="average this many noise draws")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="combine this many noise draws (the authors' aligned median)")
     parser.add_argument("--no-normalize", action="store_true", help="skip the authors' per-image min-max normalisation")
     parser.add_argument("--save-mask", action="store_true", help="also write <name>_mask.png (8-bit)")
     parser.add_argument("--save-edge", action="store_true", help="also write <name>_edge.png (decodes the edge too)")
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also search subfolders of folder inputs; the results mirror the folder tree")
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                         help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS}; 0: no limit); an image "
-                             "takes 4 to 7 bytes a pixel besides the model")
+                             "takes 4 to 7 bytes a pixel besides the model, about 75 with the default refinements "
+                             "(25 with --no-refine-foreground)")
     parser.add_argument("--low-memory", action="store_true",
                         help="on CPU, return freed memory to the system at once: about 20%% slower, "
                              "a quarter to half less peak memory")
@@ -369,13 +371,17 @@ class Worker:
                            minmax=not args.no_normalize, output_size=False)
         square = _first(result.mask)
         square = square.reshape(1, 1, *square.shape[-2:]).float()
-        colours = image.rgb()[None]
-        colours = colours.float() / 255 if colours.dtype == torch.uint8 else colours
-        if not args.no_refine_edges and max(image.size) > args.resolution:
+        refine_edges = not args.no_refine_edges and max(image.size) > args.resolution
+        refine_foreground = "cutout" in task.kinds and not args.no_refine_foreground
+        colours = None
+        if refine_edges or refine_foreground:  # float colours at full size: 12 bytes a pixel, only when used
+            colours = image.rgb()[None]
+            colours = colours.float().div_(255) if colours.dtype == torch.uint8 else colours
+        if refine_edges:
             mask = map_to_uint8(refine_alpha(colours, square))  # along the image's edges, at full size
         else:
             mask = map_to_uint8(square, image.size)  # bilinear, in bands
-        if "cutout" in task.kinds and not args.no_refine_foreground:
+        if refine_foreground:
             # The subject's own colours where the mask is soft (no fringe of the old background).
             alpha = torch.from_numpy(mask)[None, None].float() / 255
             foreground = estimate_foreground(colours, alpha)[0].clamp_(0, 1).mul_(255).round_()
