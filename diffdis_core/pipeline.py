@@ -31,7 +31,7 @@ from .image_io import pil_to_rgb_tensor
 from .matting import refine_alpha
 from .loading import ModelSources
 from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, TTA_VIEWS, check_processing_res
-from .text import save_empty_embedding
+from .text import check_embedding_width, save_empty_embedding
 from .unet import DiffDISUNet, read_unet_state_dict
 
 ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray | torch.Tensor
@@ -536,7 +536,10 @@ class DiffDISPipeline(DiffusionPipeline):
         # Only the noise schedule is used; SD-Turbo's is built in for folders without scheduler/.
         scheduler = DDPMScheduler.from_config(
             DDPMScheduler.load_config(scheduler_dir) if scheduler_dir is not None else SD_TURBO_SCHEDULER_CONFIG)
-        embed = repack_embed if repack_embed is not None else sources.empty_embedding(cache_embedding)
+        if repack_embed is not None:  # a single-file repack's own embedding: it must fit this UNet too
+            embed = check_embedding_width(repack_embed, unet.config.cross_attention_dim, sources.unet_weights)
+        else:
+            embed = sources.empty_embedding(cache_embedding)
         pipe = cls(unet, vae, scheduler, embed).to(device, dtype)
         return pipe.compile() if compile else pipe
 

@@ -106,6 +106,12 @@ def test_single_file_fp16_repack_with_base(tmp_path, official_tiny, sd_turbo_bas
     shutil.rmtree(sd_turbo_base / "text_encoder")  # must not be needed: the embedding is in the file
     pipe = DiffDISPipeline.from_pretrained(tmp_path / "DiffDIS_F16.safetensors", base=sd_turbo_base)
     assert (run(pipe) - run(tiny_pipeline)).abs().max() < 1e-2
+    # A repack whose embedding comes from another text encoder: one line, before any image.
+    repack["positive"] = torch.zeros(1, 2, 48, dtype=torch.float16)
+    save_file(repack, str(tmp_path / "mismatched.safetensors"))
+    with pytest.raises(DiffDISError, match=r"mismatched.safetensors: the empty-prompt embedding is 48 wide, "
+                                           r"but the UNet's cross_attention_dim is 32"):
+        DiffDISPipeline.from_pretrained(tmp_path / "mismatched.safetensors", base=sd_turbo_base)
 
 
 def test_missing_vae_without_base_says_what_to_do(tmp_path, official_tiny):

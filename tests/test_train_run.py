@@ -219,3 +219,11 @@ def test_a_damaged_checkpoint_with_none_before_it_is_named_in_one_line(toy, two_
     assert len(err.splitlines()) == 1 and err.startswith("error:") and problem in err and "--overwrite" in err
     assert str(out / "checkpoint-2") in err
     assert (out / "checkpoint-2").is_dir() and [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]
+
+
+def test_model_errors_name_this_scripts_options(toy, tmp_path, capsys):
+    _, dataset = toy
+    assert train_script.main(["--pretrained", str(tmp_path / "no_such_model"), "--base", "none", "--dataset",
+                              str(dataset), "--output", str(tmp_path / "run"), "--resolution", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained" in err and "--model" not in err and "does not exist" in err

@@ -345,6 +345,7 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     from diffdis_core import DiffDISPipeline, DiffDISUNet
     from diffdis_core.distributed import make_accelerator
+    from diffdis_core.hub import option_names
 
     from .data import (
         Augmentation,
@@ -441,7 +442,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     # on the main process): the same seed is the same run, on every rank, whatever was cached.
     set_seed(args.seed)  # the new layers' initialisation (BDE projection, SWCI input convs)
     base = None if str(args.base).lower() == "none" else args.base
-    unet, vae, scheduler, embed, how = load_training_start(args.pretrained, base, args.random_init)
+    with option_names(model="--pretrained ", base="--base "):  # error messages name this script's options
+        unet, vae, scheduler, embed, how = load_training_start(args.pretrained, base, args.random_init)
     say(how)
     vae.requires_grad_(False)
     vae.to(accelerator.device)
