@@ -315,6 +315,8 @@ def main() -> None:
     parser.add_argument("--memory-resolutions", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--authors-max-memory-res", type=int, default=1024)
     parser.add_argument("--compile", action="store_true", help="torch.compile our UNet and VAE")
+    parser.add_argument("--tables", nargs="+", default=["speed", "memory", "accuracy"],
+                        choices=["speed", "memory", "accuracy"], help="which parts to run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -338,10 +340,12 @@ def main() -> None:
     if device.type == "cpu":
         print("No GPU here. On one, run: python benchmarks/inference.py --device cuda --resolutions 1024 "
               "--dtypes auto bf16 fp16 --compile   (and without --compile)")
-    speed_table(args, str(device))
-    if args.memory_resolutions:
+    if "speed" in args.tables:
+        speed_table(args, str(device))
+    if "memory" in args.tables and args.memory_resolutions:
         memory_table(args, str(device))
-    accuracy(args, str(device))
+    if "accuracy" in args.tables:
+        accuracy(args, str(device))
 
 
 if __name__ == "__main__":

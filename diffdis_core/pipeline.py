@@ -422,8 +422,8 @@ class DiffDISPipeline(DiffusionPipeline):
         view's flip and scale (plain bilinear), average the views; then resize to each input's size
         (``output_size``, else the maps stay at the processing size).
 
-        ``batch_size``: latents decoded at once (default: one draw of one view, that is the batch's
-        mask and edge), so ensembling and TTA need no more memory than one plain run.
+        ``batch_size``: latents decoded at once (default: the batch's masks, then its edges, per draw and
+        view), so the edge, ensembling and TTA add no memory to a mask-only run.
         ``refine_edges_with``: the input images ([3, H, W] each): masks are brought to a larger input's
         size along its edges (``diffdis_core.matting.refine_alpha``) instead of bilinearly.
         """
@@ -435,7 +435,7 @@ class DiffDISPipeline(DiffusionPipeline):
         for view in latents.views:
             draws, batch = view.mask_latents.shape[:2]
             per_draw = torch.stack([getattr(view, f"{kind}_latents") for kind in kinds], dim=1)  # [D, K, B, 4, h, w]
-            maps = self.decode_maps(per_draw.flatten(0, 2), batch_size or len(kinds) * batch)
+            maps = self.decode_maps(per_draw.flatten(0, 2), batch_size or batch)
             maps = maps.view(draws, len(kinds), batch, *maps.shape[1:])
             for index, kind in enumerate(kinds):
                 combined = torch.stack([ensemble_maps(maps[:, index, b], ensemble) for b in range(batch)])
