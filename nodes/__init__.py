@@ -7,8 +7,8 @@ Nothing heavy happens at import: the core (and diffusers) is imported when a nod
 from .apply_alpha import DiffDISApplyAlpha
 from .cutout import DiffDISRemoveBackground
 from .loader import DiffDISLoader
-from .segmentation import DiffDISDecode, DiffDISEncodeCondition, DiffDISOneStepSegment
-from .services import register_model_folder
+from .segmentation import DiffDISDecode, DiffDISEncodeCondition, DiffDISOneStepSegment, mark_edge_use
+from .services import register_model_folder, register_prompt_handler
 
 # Node ids are stored in saved workflows: never rename them.
 NODE_CLASS_MAPPINGS = {
@@ -28,5 +28,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffDISApplyAlpha": "DiffDIS Apply Alpha",
     "DiffDISRemoveBackground": "DiffDIS Remove Background",
 }
+
+# Decode's auto mode needs ComfyUI's cache to tell whether its edge output is used (segmentation.mark_edge_use).
+register_prompt_handler(mark_edge_use)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]

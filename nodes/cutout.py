@@ -2,7 +2,7 @@
 
 Both run the three stages per chunk of frames (encode, one UNet step, decode the mask only), so no
 condition or latents are kept between stages, under ComfyUI's memory management, with progress and
-Cancel as the stage nodes.
+Cancel as the stage nodes; then the cutout refinements (refinement.py), as Apply Alpha does them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from diffdis_core import spec
 
-from . import batching, services, tensors
+from . import batching, refinement, services, tensors
 from .checks import check_int
 from .segmentation import (MAX_RESOLUTION, MAX_SEED, check_model, check_processing_res, decode_chunk,
                            encode_chunk, segment_chunk)
@@ -20,19 +20,25 @@ from .services import CATEGORY, SEARCH_ALIASES
 DEFAULT_PROCESSING_RES = 1024  # as trained
 
 
+def cutout_steps(count: int, tta: bool = False, ensemble: int = 1) -> int:
+    """Progress steps of cutout_masks for ``count`` frames: encode, each UNet call, decode."""
+    return count * (2 + (len(spec.TTA_VIEWS) if tta else 1) * ensemble)
+
+
 def cutout_masks(model, image: torch.Tensor, processing_res: int, seed: int = 0, tta: bool = False,
-                 ensemble: int = 1, normalize: bool = True) -> torch.Tensor:
+                 ensemble: int = 1, normalize: bool = True, progress=None) -> torch.Tensor:
     """DiffDIS masks (foreground = 1) of an IMAGE batch: MASK [B, H, W] on ComfyUI's intermediate
-    device; the same values as Encode Condition -> One-Step Segment -> Decode (mask only)."""
+    device; the same values as Encode Condition -> One-Step Segment -> Decode (mask only).
+    ``progress`` (a bar with room for cutout_steps) is advanced as the stages run; by default a bar of its own."""
     tensors.image_to_rgb(image)  # checks the IMAGE before any work
     frames = image if image.ndim == 4 else image[None]
     count = frames.shape[0]
-    views = len(spec.TTA_VIEWS) if tta else 1
     per_image = max(batching.encode_bytes(processing_res, model.vae_dtype),
                     batching.segment_bytes(processing_res, model.dtype, model.vae_dtype, tta),
                     batching.decode_bytes(processing_res, model.vae_dtype, ensemble, tta))
     pipe = model.ready(per_image)
-    progress = services.progress_bar(count * (2 + views * ensemble))  # encode, each UNet call, decode
+    if progress is None:
+        progress = services.progress_bar(cutout_steps(count, tta, ensemble))
     keep_on = services.intermediate_device()
 
     def cutout_part(start: int, stop: int) -> torch.Tensor:
@@ -50,7 +56,8 @@ def cutout_masks(model, image: torch.Tensor, processing_res: int, seed: int = 0,
 
 
 class DiffDISRemoveBackground:
-    SEARCH_ALIASES = [*SEARCH_ALIASES, "cut out", "transparent background", "replace background", "one node"]
+    SEARCH_ALIASES = [*SEARCH_ALIASES, "cut out", "transparent background", "replace background", "one node",
+                      *refinement.SEARCH_ALIASES]
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -73,39 +80,52 @@ class DiffDISRemoveBackground:
                                "six times slower. Needs a processing_res that is a multiple of 256."}),
                 "background": (tensors.BACKGROUNDS, {"default": "alpha", "tooltip": tensors.BACKGROUND_TOOLTIP}),
                 "custom_color": ("STRING", {"default": "#3366CC", "tooltip": tensors.CUSTOM_COLOR_TOOLTIP}),
-            }
+            },
+            # Optional, so graphs and API prompts saved before they existed still validate.
+            "optional": {
+                "refine_foreground": ("BOOLEAN", {"default": True, "tooltip": refinement.REFINE_FOREGROUND_TOOLTIP}),
+                "refine_edges": ("BOOLEAN", {"default": True, "tooltip": refinement.REFINE_EDGES_TOOLTIP}),
+            },
         }
 
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("image", "mask")
-    OUTPUT_TOOLTIPS = ("RGBA cutout for 'alpha', otherwise the image on the chosen colour.",
-                       "The foreground mask at the image size (1 = foreground).")
+    OUTPUT_TOOLTIPS = ("RGBA cutout (straight alpha) for 'alpha', otherwise the image on the chosen colour.",
+                       "The foreground mask at the image size (1 = foreground), edges refined when asked: the "
+                       "cutout's alpha.")
     FUNCTION = "remove_background"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Cuts the foreground out of an image in one node: DiffDIS segments it (mask only, at "
                    "processing_res) and the mask becomes the image's alpha channel, or the background is replaced "
-                   "by a colour. The same mask as the Encode / Segment / Decode nodes with the same settings; use "
-                   "those (and DiffDIS Apply Alpha) for ensembles, the edge map or mask refinements.")
+                   "by a colour, with the subject's own colours under soft edges and, on images larger than "
+                   "processing_res, edges refined at full resolution. The same cutout as Encode / Segment / Decode "
+                   "-> Apply Alpha with the same settings; use those for ensembles, the edge map or threshold, "
+                   "grow and feather.")
 
     def remove_background(self, model, image, processing_res: int, seed: int, tta: bool, background: str,
-                          custom_color: str):
+                          custom_color: str, refine_foreground: bool = True, refine_edges: bool = True):
         model = check_model(model)
         tta = bool(tta)
         processing_res = check_processing_res(processing_res, tta=tta)
         seed = check_int("seed", seed, 0, MAX_SEED)
         color = tensors.background_color(background, custom_color)
-        mask = cutout_masks(model, image, processing_res, seed=seed, tta=tta)
-        rgb = tensors.image_to_rgb(image).to(mask.device)
-        # The cutout-quality refinements (issue 9: diffdis_core.matting's foreground decontamination and
-        # full-resolution edge refinement) take (rgb, mask) here and return what is composited.
-        return tensors.apply_background(rgb, mask, color), mask
+        rgb = tensors.image_to_rgb(image)
+        count = rgb.shape[0]
+        progress = services.progress_bar(cutout_steps(count, tta) + count)  # the stages, then the refinements
+        mask = cutout_masks(model, image, processing_res, seed=seed, tta=tta, progress=progress)
+        colours, alpha = refinement.refine_cutouts(rgb.to(mask.device), mask, processing_res, bool(refine_edges),
+                                                   bool(refine_foreground), device=model.load_device,
+                                                   progress=progress)
+        return tensors.apply_background(colours, alpha, color), alpha
 
 
 class DiffDISBackgroundRemoval:
     """DiffDIS as ComfyUI's ``BACKGROUND_REMOVAL`` model (comfy/bg_removal_model.py, ComfyUI >= 0.21):
     what core *Remove Background* takes. ``encode_image(IMAGE)`` gives the foreground mask as that
     node's own models do: float [B, 1, H, W] in 0..1 at the image size, on ComfyUI's intermediate
-    device and dtype. Settings are the trained ones: processing size 1024, seed 0, no TTA.
+    device and dtype. Settings are the trained ones: processing size 1024, seed 0, no TTA. On images
+    larger than the processing size the mask's edges are refined at full resolution (refine_edges,
+    as the DiffDIS nodes do by default): only a mask leaves here, so colours cannot be refined.
     """
 
     seed = 0
@@ -120,7 +140,12 @@ class DiffDISBackgroundRemoval:
         self.dtype = self.diffdis.dtype
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        mask = cutout_masks(self.diffdis, image, self.image_size, seed=self.seed)
+        rgb = tensors.image_to_rgb(image)
+        count = rgb.shape[0]
+        progress = services.progress_bar(cutout_steps(count) + count)
+        mask = cutout_masks(self.diffdis, image, self.image_size, seed=self.seed, progress=progress)
+        _, mask = refinement.refine_cutouts(rgb.to(mask.device), mask, self.image_size, refine_edges=True,
+                                            refine_foreground=False, device=self.load_device, progress=progress)
         return mask[:, None].to(services.intermediate_dtype())
 
     def __repr__(self) -> str:

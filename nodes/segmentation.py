@@ -21,8 +21,11 @@ from .services import CATEGORY, SEARCH_ALIASES
 
 MAX_RESOLUTION = spec.MAX_PROCESSING_RES
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-MASK_ONLY, MASK_AND_EDGE = "mask only", "mask and edge"
-DECODE_CHOICES = [MASK_ONLY, MASK_AND_EDGE]
+AUTO, MASK_ONLY, MASK_AND_EDGE = "auto", "mask only", "mask and edge"
+DECODE_CHOICES = [AUTO, MASK_ONLY, MASK_AND_EDGE]
+EDGE_SLOT = 1  # DiffDISDecode's edge output
+# Added by mark_edge_use to the prompt's auto Decode nodes: part of ComfyUI's cache key, not an input.
+EDGE_USE_KEY = "edge_output_linked"
 
 
 def check_model(model) -> DiffDISModel:
@@ -82,6 +85,35 @@ def decode_chunk(pipe, latents, decode_edge: bool, normalize: bool) -> tuple[tor
     out = pipe.decode(latents, decode_edge=decode_edge, minmax=normalize)
     edge = tensors.maps_to_mask(out.edge) if decode_edge else None
     return tensors.maps_to_mask(out.mask), edge
+
+
+def edge_output_linked(prompt, unique_id) -> bool | None:
+    """Whether a node of the API-format ``prompt`` takes the edge output of node ``unique_id`` (links are
+    [node id, output index]); None when that cannot be told (no prompt, or the node is not in it)."""
+    if not isinstance(prompt, dict) or unique_id is None or str(unique_id) not in prompt:
+        return None
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        for value in (inputs.values() if isinstance(inputs, dict) else ()):
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(unique_id) and \
+                    value[1] == EDGE_SLOT:
+                return True
+    return False
+
+
+def mark_edge_use(request: dict) -> dict:
+    """ComfyUI on-prompt handler (POST /prompt): writes into each Decode node set to auto whether its edge
+    output is linked. ComfyUI caches a node's outputs by its inputs and ancestors, never by what uses them:
+    without this, linking the edge output after a run would get the cached empty edge."""
+    prompt = request.get("prompt") if isinstance(request, dict) else None
+    for node_id, node in (prompt.items() if isinstance(prompt, dict) else ()):
+        if not isinstance(node, dict) or node.get("class_type") != "DiffDISDecode":
+            continue
+        inputs = node.get("inputs")
+        decode = inputs.get("decode", AUTO) if isinstance(inputs, dict) else None
+        if decode == AUTO or isinstance(decode, list):  # auto, or a value that arrives by link
+            inputs[EDGE_USE_KEY] = bool(edge_output_linked(prompt, node_id))
+    return request
 
 
 class DiffDISEncodeCondition:
@@ -208,31 +240,38 @@ class DiffDISDecode:
                     "tooltip": "The authors' per-image min-max normalisation: stretch each map to the full 0..1 "
                                "range. Off: the raw decoded values."}),
             },
-            # Optional, so graphs saved before it existed still validate (they decoded both maps).
+            # Optional, so graphs saved before it existed still validate; they get auto, which decodes the
+            # edge exactly when they use it.
             "optional": {
                 "decode": (DECODE_CHOICES, {
-                    "default": MASK_ONLY,
-                    "tooltip": "mask only: the fast path (one VAE decode per image); the edge output is then an "
-                               "empty (all 0) mask. mask and edge: also decode the edge map (about 45% more work)."}),
+                    "default": AUTO,
+                    "tooltip": "auto: the edge map too only when the edge output is connected. mask only: one VAE "
+                               "decode per image; the edge output is an empty (all 0) mask. mask and edge: also "
+                               "decode the edge map (about 45% more work)."}),
             },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},  # for auto: is the edge output linked?
         }
 
     RETURN_TYPES = ("MASK", "MASK")
     RETURN_NAMES = ("mask", "edge")
     OUTPUT_TOOLTIPS = ("Foreground mask at the original image size: 1 = foreground, 0 = background.",
-                       "Edge map of the foreground's outline at the original image size (1 = edge); all 0 unless "
-                       "decode is 'mask and edge'.")
+                       "Edge map of the foreground's outline at the original image size (1 = edge); with decode "
+                       "'mask only' an empty (all 0) mask.")
     FUNCTION = "decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Decodes the mask (and, when asked, the edge) latents with the VAE, averages augmented views and "
-                   "noise draws, and resizes the maps back to each image's original size. The mask is "
+    DESCRIPTION = ("Decodes the mask (and, when used or asked, the edge) latents with the VAE, averages augmented "
+                   "views and noise draws, and resizes the maps back to each image's original size. The mask is "
                    "foreground = 1.")
 
-    def decode(self, model, latents, normalize: bool, decode: str = MASK_AND_EDGE):
+    def decode(self, model, latents, normalize: bool, decode: str = AUTO, prompt=None, unique_id=None):
         model = check_model(model)
         if not all(hasattr(latents, a) for a in ("views", "sizes", "processing_res")):
             raise error(f"latents must come from a DiffDIS One-Step Segment node, got {type(latents).__name__}")
-        with_edge = check_choice("decode", decode, DECODE_CHOICES) == MASK_AND_EDGE
+        decode = check_choice("decode", decode, DECODE_CHOICES)
+        if decode == AUTO:  # unknown (called outside a prompt): both maps, as before the option existed
+            with_edge = edge_output_linked(prompt, unique_id) is not False
+        else:
+            with_edge = decode == MASK_AND_EDGE
         count = len(latents.sizes)
         draws = latents.views[0].mask_latents.shape[0]
         tta = len(latents.views) > 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,18 @@ def comfy_module(name: str) -> ModuleType | None:
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+def register_prompt_handler(handler: Any) -> bool:
+    """Have ComfyUI's server pass every prompt queued through POST /prompt to ``handler`` first
+    (``PromptServer.add_on_prompt_handler``), once. False outside a ComfyUI server."""
+    server = sys.modules.get("server")  # ComfyUI's, started before custom nodes load; never imported here
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    handlers = getattr(instance, "on_prompt_handlers", None)
+    if instance is None or not isinstance(handlers, list) or handler in handlers:
+        return False
+    instance.add_on_prompt_handler(handler)
+    return True
 
 
 # ---------------------------------------------------------------------------- model folders
@@ -152,6 +165,14 @@ def free_memory(device: torch.device) -> int:
         return int(psutil.virtual_memory().available)
     except ImportError:
         return 4 << 30
+
+
+def make_room(memory_required: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload other models if ``device`` (a GPU) lacks ``memory_required`` free bytes for
+    work outside any model (the cutout refinements). The CPU is left alone: nothing is unloaded for RAM."""
+    management = comfy_module("comfy.model_management")
+    if management is not None and device.type != "cpu":
+        management.free_memory(memory_required, device)
 
 
 def dtype_size(dtype: torch.dtype) -> int:

@@ -173,6 +173,15 @@ def test_a_workflow_saved_before_the_new_outputs_loads_and_keeps_its_links(page)
     assert len(links) == 3 and all(name == "model" and slot == 0 for name, origin, slot in links)
     outputs = page.evaluate(f"() => window.app.graph.getNodeById({loader['id']}).outputs.map(o => o.type)")
     assert outputs == ["DIFFDIS_MODEL", "BACKGROUND_REMOVAL"]
+    # Options added since: their defaults (decode auto, which decodes the edge this graph previews; the cutout
+    # refinements on), the saved values kept.
+    widgets = {node["type"]: dict(node["widgets"]) for node in nodes}
+    saved_widgets = {node["type"]: node.get("widgets_values") for node in saved["nodes"]}
+    assert widgets["DiffDISDecode"] == {"normalize": saved_widgets["DiffDISDecode"][0], "decode": "auto"}
+    apply_alpha = widgets["DiffDISApplyAlpha"]
+    assert list(apply_alpha.values())[:6] == saved_widgets["DiffDISApplyAlpha"]
+    assert (apply_alpha["refine_foreground"], apply_alpha["refine_edges"], apply_alpha["processing_res"]) == \
+        (True, True, 1024)
 
 
 def test_templates_dialog_has_the_workflows_with_thumbnails(comfyui):  # noqa: F811

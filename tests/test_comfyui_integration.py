@@ -206,8 +206,8 @@ def _cutout_prompt(model: str, seed: int, workflow: str = "cutout", processing_r
         inputs = node["inputs"]
         if node["class_type"] == "DiffDISLoader":
             inputs["model"] = model
-        elif node["class_type"] in ("DiffDISEncodeCondition", "DiffDISRemoveBackground"):
-            inputs["processing_res"] = processing_res
+        elif node["class_type"] in ("DiffDISEncodeCondition", "DiffDISRemoveBackground", "DiffDISApplyAlpha"):
+            inputs["processing_res"] = processing_res  # Apply Alpha's: what the mask was predicted at
         elif node["class_type"] == "LoadImage":
             inputs["image"] = "diffdis_test.png"
         if "seed" in inputs:
@@ -262,8 +262,8 @@ def test_the_download_entry_uses_the_folder_on_disk_offline(comfyui):
 
 
 def test_a_graph_saved_before_the_new_options_still_runs(comfyui):
-    """The API cutout graph the pack shipped before Load DiffDIS's second output and Decode's decode
-    option (no decode value: both maps, as then)."""
+    """The API cutout graph the pack shipped before Load DiffDIS's second output, Decode's decode option
+    and Apply Alpha's refinements (no values for them: the defaults; decode auto gives the edge it uses)."""
     prompt = json.loads((ROOT / "tests" / "fixtures" / "saved_workflows" / "cutout_api.json").read_text())
     prompt["1"]["inputs"]["image"] = "diffdis_test.png"
     prompt["2"]["inputs"]["model"] = "tiny"
@@ -271,9 +271,31 @@ def test_a_graph_saved_before_the_new_options_still_runs(comfyui):
     entry = comfyui.run_prompt(prompt)
     with Image.open(_saved_cutout(comfyui, entry)) as cutout:
         assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
-    (edge_preview,) = entry["outputs"]["11"]["images"]
-    with Image.open(comfyui.base / "temp" / edge_preview["subfolder"] / edge_preview["filename"]) as edge:
-        assert np.asarray(edge.convert("L")).max() > 0  # the edge was decoded
+    assert _image(comfyui, entry, "11").max() > 0  # it previews the edge: decode (auto) decoded it
+
+
+def _image(server: Server, entry: dict, node_id: str) -> np.ndarray:
+    (image,) = entry["outputs"][node_id]["images"]
+    with Image.open(server.base / image["type"] / image["subfolder"] / image["filename"]) as picture:
+        return np.asarray(picture.convert("L"))
+
+
+def test_decode_auto_follows_the_edge_output_across_cached_runs(comfyui):
+    """cutout.json decodes the mask only (its edge output is not linked); the same graph with the edge
+    linked to a preview gets the edge, although Decode's own inputs did not change: ComfyUI would
+    otherwise serve Decode's cached outputs (empty edge) from the first run."""
+    prompt = _cutout_prompt("tiny", seed=5)
+    decode_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISDecode")
+    assert prompt[decode_id]["inputs"]["decode"] == "auto"
+    comfyui.run_prompt(prompt)
+    linked = _cutout_prompt("tiny", seed=5)
+    linked["30"] = {"class_type": "MaskToImage", "inputs": {"mask": [decode_id, 1]}}
+    linked["31"] = {"class_type": "PreviewImage", "inputs": {"images": ["30", 0]}}
+    entry = comfyui.run_prompt(linked)
+    assert entry["prompt"][2][decode_id]["inputs"]["edge_output_linked"] is True  # the pack's on-prompt handler
+    assert _image(comfyui, entry, "31").max() > 0  # decoded, not the cached empty edge
+    unlinked = comfyui.run_prompt(_cutout_prompt("tiny", seed=5))
+    assert unlinked["prompt"][2][decode_id]["inputs"]["edge_output_linked"] is False
 
 
 def test_the_one_node_cutout_gives_the_staged_cutout(comfyui):

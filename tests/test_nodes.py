@@ -47,6 +47,7 @@ batching = sys.modules[PACK.__name__ + ".nodes.batching"]
 tensors = sys.modules[PACK.__name__ + ".nodes.tensors"]
 segmentation = sys.modules[PACK.__name__ + ".nodes.segmentation"]
 cutout = sys.modules[PACK.__name__ + ".nodes.cutout"]
+refinement = sys.modules[PACK.__name__ + ".nodes.refinement"]
 
 
 def copy_tiny(official_tiny: Path, target: Path) -> Path:
@@ -174,6 +175,11 @@ def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
         import importlib.util, sys, types
         comfy_nodes = types.ModuleType("nodes")
         sys.modules["nodes"] = comfy_nodes
+        handlers = []
+        server = types.ModuleType("server")  # ComfyUI's, running before custom nodes load
+        server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
+            on_prompt_handlers=handlers, add_on_prompt_handler=handlers.append))
+        sys.modules["server"] = server
         name = "/srv/ComfyUI/custom_nodes/My DiffDIS-pack_x_v2"
         spec = importlib.util.spec_from_file_location(name, {str(ROOT / "__init__.py")!r})
         pack = importlib.util.module_from_spec(spec)
@@ -187,6 +193,7 @@ def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
         import diffdis_core
         assert diffdis_core.__file__.startswith({str(ROOT)!r}), diffdis_core.__file__
         assert sys.modules["diffdis_core.spec"].__file__.startswith({str(ROOT)!r})
+        assert [h.__name__ for h in handlers] == ["mark_edge_use"]
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -459,12 +466,105 @@ def test_decode_mask_only_skips_the_edge_decode(model, monkeypatch):
     torch.testing.assert_close(mask_only, mask, atol=1e-6, rtol=0)
     assert empty_edge.shape == edge.shape == (2, 40, 56) and empty_edge.abs().max() == 0 and edge.max() > 0
     calls.clear()
-    # A graph saved before the option existed (no "decode" input) gets what it had: both maps.
+    # Called outside a prompt (no "decode" input, no prompt): auto cannot tell, so both maps, as before.
     old_mask, old_edge = run("DiffDISDecode", model=model, latents=latents, normalize=True)
     assert sum(calls) == 4
     torch.testing.assert_close(old_edge, edge, atol=0, rtol=0)
     decode_option = NODES["DiffDISDecode"].INPUT_TYPES()["optional"]["decode"]
-    assert decode_option[0] == ["mask only", "mask and edge"] and decode_option[1]["default"] == "mask only"
+    assert decode_option[0] == ["auto", "mask only", "mask and edge"] and decode_option[1]["default"] == "auto"
+
+
+def decode_prompt(edge_consumers: int, decode=None) -> dict:
+    """An API-format prompt around Decode node "5": its mask goes to node "6"; ``edge_consumers`` nodes
+    take its edge (output 1). Node "9" takes output 1 of another node, which is no edge of "5"."""
+    prompt = {
+        "3": {"class_type": "DiffDISOneStepSegment", "inputs": {"cond": ["2", 0], "seed": 0}},
+        "5": {"class_type": "DiffDISDecode", "inputs": {"latents": ["3", 0], "normalize": True}},
+        "6": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 0]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["15", 1]}},
+    }
+    if decode is not None:
+        prompt["5"]["inputs"]["decode"] = decode
+    for i in range(edge_consumers):
+        prompt[str(7 + 10 * i)] = {"class_type": "MaskToImage", "inputs": {"mask": ["5", 1]}}
+    return prompt
+
+
+def test_decode_auto_decodes_the_edge_only_when_its_output_is_linked(model, monkeypatch):
+    """decode = auto (the default) asks the running prompt (ComfyUI's hidden PROMPT and UNIQUE_ID inputs)
+    whether anything takes the edge output: one VAE decode per image when nothing does, two when it is."""
+    hidden = NODES["DiffDISDecode"].INPUT_TYPES()["hidden"]
+    assert hidden == {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}
+    batch = images(batch=2)
+    (cond,) = run("DiffDISEncodeCondition", model=model, image=batch, processing_res=RES)
+    (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=1, ensemble=1, tta=False)
+    calls = count_decoded_maps(model, monkeypatch)
+    both_mask, both_edge = run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="mask and edge")
+    calls.clear()
+
+    unlinked_mask, unlinked_edge = run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="auto",
+                                       prompt=decode_prompt(0), unique_id="5")
+    assert sum(calls) == 2  # the mask of each image only
+    torch.testing.assert_close(unlinked_mask, both_mask, atol=1e-6, rtol=0)
+    assert unlinked_edge.shape == both_edge.shape and unlinked_edge.abs().max() == 0
+    for consumers in (1, 2):
+        calls.clear()
+        mask, edge = run("DiffDISDecode", model=model, latents=latents, normalize=True, prompt=decode_prompt(consumers),
+                         unique_id="5")  # no decode value: an API prompt saved before the option existed
+        assert sum(calls) == 4
+        torch.testing.assert_close(edge, both_edge, atol=0, rtol=0)
+        torch.testing.assert_close(mask, both_mask, atol=0, rtol=0)
+    # A node the prompt does not hold (e.g. made by a node expansion): auto cannot tell, both maps.
+    calls.clear()
+    run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="auto", prompt=decode_prompt(0),
+        unique_id="42")
+    assert sum(calls) == 4
+    # An explicit choice is kept whatever the links.
+    calls.clear()
+    run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="mask only", prompt=decode_prompt(1),
+        unique_id="5")
+    assert sum(calls) == 2
+
+
+def test_edge_use_is_part_of_what_comfyui_caches_decode_by():
+    """ComfyUI caches a node's outputs by its own inputs and ancestors, not by what uses them: the pack's
+    on-prompt handler writes into each auto Decode node whether its edge is used, so linking the edge after a
+    run re-runs Decode instead of serving the cached empty edge. Explicit choices are left alone."""
+    edge_key = segmentation.EDGE_USE_KEY
+    unlinked = segmentation.mark_edge_use({"prompt": decode_prompt(0), "client_id": "x"})
+    linked = segmentation.mark_edge_use({"prompt": decode_prompt(1, decode="auto")})
+    assert unlinked["prompt"]["5"]["inputs"][edge_key] is False and unlinked["client_id"] == "x"
+    assert linked["prompt"]["5"]["inputs"][edge_key] is True
+    for choice in ("mask only", "mask and edge"):
+        explicit = segmentation.mark_edge_use({"prompt": decode_prompt(1, decode=choice)})
+        assert edge_key not in explicit["prompt"]["5"]["inputs"]
+    by_link = segmentation.mark_edge_use({"prompt": decode_prompt(1, decode=["20", 0])})  # a primitive's value
+    assert by_link["prompt"]["5"]["inputs"][edge_key] is True
+    # Nothing else changes, and what is not a prompt passes through.
+    assert {k: v for k, v in linked["prompt"]["5"]["inputs"].items() if k != edge_key} == \
+        decode_prompt(1, decode="auto")["5"]["inputs"]
+    for request in ({}, {"prompt": None}, {"prompt": {"1": "junk", "2": {"class_type": "DiffDISDecode"}}}):
+        assert segmentation.mark_edge_use(request) is request
+    # The key is no input of the node: ComfyUI does not pass it (nor validate it).
+    assert edge_key not in all_node_inputs("DiffDISDecode")
+
+
+def all_node_inputs(node_id: str) -> set:
+    types = NODES[node_id].INPUT_TYPES()
+    return {name for section in types.values() for name in section}
+
+
+def test_the_edge_use_handler_is_registered_with_comfyuis_server(monkeypatch):
+    added = []
+    instance = types.SimpleNamespace(on_prompt_handlers=added, add_on_prompt_handler=added.append)
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(instance=instance)
+    monkeypatch.setitem(sys.modules, "server", server)
+    assert services.register_prompt_handler(segmentation.mark_edge_use) is True
+    assert services.register_prompt_handler(segmentation.mark_edge_use) is False  # once
+    assert added == [segmentation.mark_edge_use]
+    monkeypatch.setitem(sys.modules, "server", None)  # outside ComfyUI: nothing to register with
+    assert services.register_prompt_handler(segmentation.mark_edge_use) is False
 
 
 def test_frame_conditions_keep_no_processing_size_images(model):
@@ -500,7 +600,8 @@ def test_remove_background_is_the_staged_cutout_in_one_node(model, monkeypatch):
     torch.testing.assert_close(mask, staged_mask, atol=1e-6, rtol=0)
     torch.testing.assert_close(cutout_image, staged_cutout, atol=1e-6, rtol=0)
     on_green, _ = remove_background(model, batch[..., :3], background="green", seed=7)
-    expected = batch[..., :3] * mask[..., None] + torch.tensor([0.0, 1.0, 0.0]) * (1 - mask[..., None])
+    colours = cutout_image[..., :3]  # the subject's estimated colours (refine_foreground, on by default)
+    expected = colours * mask[..., None] + torch.tensor([0.0, 1.0, 0.0]) * (1 - mask[..., None])
     assert on_green.shape == (3, 40, 56, 3)
     torch.testing.assert_close(on_green, expected, atol=1e-6, rtol=0)
     other_seed, other_mask = remove_background(model, batch, seed=8)
@@ -838,15 +939,16 @@ def test_bad_segment_and_decode_inputs(model):
     with pytest.raises(DiffDISError, match="latents must come from a DiffDIS One-Step Segment node, got"):
         run("DiffDISDecode", model=model, latents=cond, normalize=True)
     (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=False)
-    with pytest.raises(DiffDISError, match="decode 'edge' is not one of mask only, mask and edge"):
+    with pytest.raises(DiffDISError, match="decode 'edge' is not one of auto, mask only, mask and edge"):
         run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="edge")
 
 
 # ---------------------------------------------------------------------------- Apply Alpha
 def apply(image, mask, background="alpha", custom_color="#3366CC", mask_blur=0, mask_expand=0, threshold=0.0,
-          invert=False):
+          invert=False, **refinements):
+    """Apply Alpha as an API prompt saved before the refinements gives it, or with ``refinements``."""
     return run("DiffDISApplyAlpha", image=image, mask=mask, background=background, custom_color=custom_color,
-               mask_blur=mask_blur, mask_expand=mask_expand, threshold=threshold, invert=invert)
+               mask_blur=mask_blur, mask_expand=mask_expand, threshold=threshold, invert=invert, **refinements)
 
 
 def square_mask(batch=2, size=32, low=8, high=24, value=1.0) -> torch.Tensor:
@@ -858,11 +960,15 @@ def square_mask(batch=2, size=32, low=8, high=24, value=1.0) -> torch.Tensor:
 def test_alpha_output_is_rgba_with_the_mask_as_alpha():
     image = images(batch=2, height=32, width=32, channels=4)
     mask = torch.rand(2, 32, 32)
-    out, out_mask = apply(image, mask)
+    out, out_mask = apply(image, mask, refine_foreground=False)
     assert out.shape == (2, 32, 32, 4)
     torch.testing.assert_close(out[..., :3], image[..., :3])
     torch.testing.assert_close(out[..., 3], mask)
     torch.testing.assert_close(out_mask, mask)
+    refined, refined_mask = apply(image, mask)  # the default: the subject's colours (straight alpha)
+    torch.testing.assert_close(refined[..., 3], mask)
+    torch.testing.assert_close(refined_mask, mask)
+    assert refined.shape == (2, 32, 32, 4) and not torch.allclose(refined[..., :3], image[..., :3])
 
 
 @pytest.mark.parametrize("background, color", [
@@ -873,7 +979,7 @@ def test_colour_backgrounds_give_rgb_composites(background, color):
     image = images(batch=2, height=32, width=32)
     mask = square_mask()
     mask[:, 0, 0] = 0.25  # a soft pixel
-    out, _ = apply(image, mask, background=background)
+    out, _ = apply(image, mask, background=background, refine_foreground=False)
     assert out.shape == (2, 32, 32, 3)
     fill = torch.tensor(color)
     torch.testing.assert_close(out[:, 31, 31], fill.expand(2, 3))  # background
@@ -952,3 +1058,162 @@ def test_bad_apply_alpha_options(option, value, message):
 
     with pytest.raises(DiffDISError, match=message):
         apply(images(batch=1, height=8, width=8), torch.zeros(8, 8), **{option: value})
+
+
+# ---------------------------------------------------------------------------- cutout refinements
+def test_refinement_inputs_are_optional_with_tooltips_and_search_words():
+    for node_id in ("DiffDISApplyAlpha", "DiffDISRemoveBackground"):
+        optional = NODES[node_id].INPUT_TYPES()["optional"]
+        for name in ("refine_foreground", "refine_edges"):
+            kind, options = optional[name]
+            assert kind == "BOOLEAN" and options["default"] is True and len(options["tooltip"]) > 80
+        aliases = [alias.lower() for alias in NODES[node_id].SEARCH_ALIASES]
+        assert {"decontaminate", "color spill", "halo", "refine edges"} <= set(aliases), node_id
+    kind, options = NODES["DiffDISApplyAlpha"].INPUT_TYPES()["optional"]["processing_res"]
+    assert kind == "INT" and (options["default"], options["step"]) == (1024, 64) and "Encode" in options["tooltip"]
+
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    """The core's [B, C, H, W] as an IMAGE [B, H, W, C] (or a MASK [B, H, W] for one channel)."""
+    return x[:, 0] if x.shape[1] == 1 else x.movedim(1, -1)
+
+
+def to_core(x: torch.Tensor) -> torch.Tensor:
+    return x[:, None] if x.ndim == 3 else x.movedim(-1, 1)
+
+
+def test_refine_foreground_changes_colours_only_where_the_mask_is_soft():
+    mask = square_mask(batch=2, size=48, low=12, high=36)
+    mask[:, 12:36, 8:12] = torch.linspace(0.1, 0.9, 4)  # a soft band on the left edge
+    subject = images(batch=2, height=48, width=48)
+    image = mask[..., None] * subject + (1 - mask[..., None]) * torch.tensor([0.1, 0.8, 0.2])  # on green
+    plain, _ = apply(image, mask, background="custom", custom_color="#FF00FF", refine_foreground=False)
+    refined, _ = apply(image, mask, background="custom", custom_color="#FF00FF")
+    changed = (refined - plain).abs().amax(-1) > 1e-6
+    soft = (mask > 0) & (mask < 1)
+    assert changed[soft].float().mean() > 0.9 and not changed[~soft].any()
+    rgba, alpha = apply(image, mask)
+    torch.testing.assert_close(rgba[..., 3], alpha)
+    torch.testing.assert_close(rgba[..., :3][mask == 1], image[mask == 1], atol=0, rtol=0)
+
+
+def test_refine_foreground_takes_a_known_background_spill_out():
+    """A synthetic photo (textured subject with hair-like strands, holes and glass on another background,
+    benchmarks/synthetic_composites.py) with the true mask, cut out onto a new colour: where the mask is
+    soft the plain cutout shows the old background; the refined one is far closer to the truth."""
+    from benchmarks.synthetic_composites import foreground_error, make_composite
+
+    case = make_composite(96, 128, seed=3)
+    image, alpha = to_image(case["image"]), to_image(case["alpha"])
+    new_background = torch.tensor([1.0, 0.0, 1.0])
+    truth = case["foreground"] * case["alpha"] + new_background[:, None, None] * (1 - case["alpha"])
+    plain, _ = apply(image, alpha, background="custom", custom_color="#FF00FF", refine_foreground=False)
+    refined, _ = apply(image, alpha, background="custom", custom_color="#FF00FF")
+    # The error where the mask is soft, weighted by how much of the subject shows there.
+    plain_error = foreground_error(to_core(plain), truth, case["alpha"])
+    refined_error = foreground_error(to_core(refined), truth, case["alpha"])
+    assert refined_error < 0.4 * plain_error, (plain_error, refined_error)
+    rgba, _ = apply(image, alpha)  # the RGBA's colours: the estimated foreground, straight alpha
+    assert foreground_error(to_core(rgba[..., :3]), case["foreground"], case["alpha"]) < \
+        0.4 * foreground_error(case["image"], case["foreground"], case["alpha"])
+
+
+def test_refine_edges_only_on_images_larger_than_the_processing_size():
+    from diffdis_core import estimate_foreground, refine_alpha
+
+    res = 64
+    image = images(batch=2, height=96, width=128, seed=4)
+    predicted = torch.rand(2, 1, res, res, generator=torch.Generator().manual_seed(1))
+    mask = torch.nn.functional.interpolate(predicted, size=(96, 128), mode="bilinear")[:, 0]  # as Decode gives it
+    rgba, alpha = apply(image, mask, processing_res=res)
+    expected = refine_alpha(to_core(image), mask[:, None], predicted_at=(res, res))
+    torch.testing.assert_close(alpha, expected[:, 0], atol=1e-6, rtol=0)
+    assert (alpha - mask).abs().max() > 0.1
+    torch.testing.assert_close(rgba[..., :3], to_image(estimate_foreground(to_core(image), expected)),
+                               atol=1e-6, rtol=0)
+    _, unrefined = apply(image, mask, processing_res=res, refine_edges=False)
+    torch.testing.assert_close(unrefined, mask, atol=0, rtol=0)
+    # Not larger than the processing size (the default 1024, or equal to it): the mask as it is.
+    for size in (1024, 128):
+        same, kept = apply(image, mask, processing_res=size, refine_foreground=False)
+        torch.testing.assert_close(kept, mask, atol=0, rtol=0)
+        torch.testing.assert_close(same[..., :3], image, atol=0, rtol=0)
+    assert refinement.refines_edges((48, 128), 64) and not refinement.refines_edges((64, 64), 64)  # one side will do
+
+
+def test_refinements_come_in_order_edges_threshold_grow_feather_then_colours():
+    from diffdis_core import estimate_foreground, refine_alpha
+
+    res = 64
+    image = images(batch=1, height=80, width=120, seed=6)
+    mask = torch.nn.functional.interpolate(square_mask(batch=1, size=res, low=16, high=48)[:, None], size=(80, 120),
+                                           mode="bilinear")[:, 0]
+    out, alpha = apply(image, mask, threshold=0.5, mask_expand=2, mask_blur=2, background="gray", processing_res=res)
+    edges = refine_alpha(to_core(image), mask[:, None], predicted_at=(res, res))[:, 0]
+    expected = tensors.refine_mask(edges, 0.5, False, 2, 2)
+    torch.testing.assert_close(alpha, expected, atol=1e-6, rtol=0)
+    colours = to_image(estimate_foreground(to_core(image), expected[:, None]))
+    torch.testing.assert_close(out, colours * alpha[..., None] + 0.5 * (1 - alpha[..., None]), atol=1e-6, rtol=0)
+
+
+def test_refinements_run_in_chunks_with_progress_and_cancel(monkeypatch, memory_chunks_only):
+    """A batch of frames is refined in chunks that fit the device's memory, giving what one chunk would;
+    progress moves per frame, and Cancel stops between chunks."""
+    image = images(batch=5, height=96, width=128)
+    mask = torch.rand(5, 96, 128, generator=torch.Generator().manual_seed(2))
+    whole = refinement.refine_cutouts(image, mask, 64, True, True, torch.device("cpu"))
+    per_frame = refinement.BYTES_PER_PIXEL * 96 * 128 + refinement.BYTES_PER_PROCESSING_PIXEL * 64 ** 2
+    monkeypatch.setattr(services, "free_memory", lambda device: 2 * per_frame + 1)  # two frames at a time
+    progress = services._NoProgress(5)
+    sizes = []
+    estimate = refinement.core().estimate_foreground
+    monkeypatch.setattr(refinement.core(), "estimate_foreground",
+                        lambda image, alpha: sizes.append(image.shape[0]) or estimate(image, alpha))
+    chunked = refinement.refine_cutouts(image, mask, 64, True, True, torch.device("cpu"), progress=progress)
+    assert sizes == [2, 2, 1] and progress.current == 5
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    interrupt_after(monkeypatch, checks_allowed=1)
+    sizes.clear()
+    with pytest.raises(Interrupted):
+        refinement.refine_cutouts(image, mask, 64, True, True, torch.device("cpu"))
+    assert sizes == [2]
+
+
+def test_remove_background_refines_like_apply_alpha(model):
+    """On an image larger than processing_res the one-node cutout refines the edges (its mask output is
+    the refined alpha) and the colours, as Decode -> Apply Alpha with the same processing_res does."""
+    from diffdis_core import refine_alpha
+
+    batch = images(batch=2, height=80, width=104, seed=2)
+    staged_mask, _ = segment(model, batch, seed=4, decode="mask only")
+    staged, staged_alpha = apply(batch, staged_mask, processing_res=RES)
+    one_node, alpha = remove_background(model, batch, seed=4)
+    torch.testing.assert_close(alpha, staged_alpha, atol=1e-6, rtol=0)
+    torch.testing.assert_close(one_node, staged, atol=1e-6, rtol=0)
+    expected = refine_alpha(to_core(batch), staged_mask[:, None], predicted_at=(RES, RES))[:, 0]
+    torch.testing.assert_close(alpha, expected, atol=1e-6, rtol=0)
+    plain, plain_mask = run("DiffDISRemoveBackground", model=model, image=batch, processing_res=RES, seed=4,
+                            tta=False, background="alpha", custom_color="#000000", refine_foreground=False,
+                            refine_edges=False)
+    torch.testing.assert_close(plain_mask, staged_mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain, torch.cat([batch, staged_mask[..., None]], -1), atol=1e-6, rtol=0)
+
+
+def test_background_removal_model_refines_edges_of_larger_images(model, monkeypatch):
+    """Core Remove Background gets only a mask: on images larger than the processing size its edges are
+    refined at full resolution; smaller images get the mask as it is."""
+    from diffdis_core import refine_alpha
+
+    fake_model_management(monkeypatch)
+    bg_model = cutout.DiffDISBackgroundRemoval(model, processing_res=RES)
+    large = images(batch=1, height=72, width=96, seed=8)
+    mask = bg_model.encode_image(large)
+    staged, _ = segment(model, large, seed=0, decode="mask only")
+    expected = refine_alpha(to_core(large), staged[:, None], predicted_at=(RES, RES))
+    torch.testing.assert_close(mask, expected, atol=1e-5, rtol=0)
+    assert (mask[:, 0] - staged).abs().max() > 0.01
+    small = images(batch=1, height=48, width=64, seed=8)
+    staged_small, _ = segment(model, small, seed=0, decode="mask only")
+    torch.testing.assert_close(bg_model.encode_image(small)[:, 0], staged_small, atol=1e-6, rtol=0)
+

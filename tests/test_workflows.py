@@ -44,6 +44,7 @@ CORE_WIDGETS = {
     "VAEDecode": [],
     "EmptyImage": ["width", "height", "batch_size", "color"],
     "ImageCompositeMasked": ["x", "y", "resize_source"],
+    "SplitImageWithAlpha": [],
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -61,6 +62,7 @@ def import_pack(name: str):
 PACK = import_pack("/home/user/ComfyUI/custom_nodes/ComfyUI-DiffDIS")
 OUR_NODES = PACK.NODE_CLASS_MAPPINGS
 models = sys.modules[PACK.__name__ + ".nodes.models"]
+segmentation = sys.modules[PACK.__name__ + ".nodes.segmentation"]
 
 
 def load(name: str, api: bool = False) -> dict:
@@ -308,8 +310,14 @@ def dependency_order(prompt: dict) -> list[str]:
     return order
 
 
+HIDDEN_VALUES = {"PROMPT": lambda prompt, node_id: prompt, "UNIQUE_ID": lambda prompt, node_id: node_id}
+
+
 def execute(prompt: dict, stubs: dict) -> dict:
-    """Run an API-format prompt: our node classes for our nodes, ``stubs`` for core ones."""
+    """Run an API-format prompt as ComfyUI does: through the pack's on-prompt handler (POST /prompt), then
+    each node with the inputs it declares and its hidden inputs (the prompt, its id); our node classes for
+    our nodes, ``stubs`` for core ones."""
+    segmentation.mark_edge_use({"prompt": prompt})
     results = {}
     for node_id in dependency_order(prompt):
         node = prompt[node_id]
@@ -317,7 +325,10 @@ def execute(prompt: dict, stubs: dict) -> dict:
                   for key, value in node["inputs"].items()}
         if node["class_type"] in OUR_NODES:
             cls = OUR_NODES[node["class_type"]]
+            kwargs.pop(segmentation.EDGE_USE_KEY, None)  # for ComfyUI's cache key; no input, not passed
             assert set(cls.INPUT_TYPES()["required"]) <= set(kwargs) <= set(all_inputs(cls))
+            for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
+                kwargs[name] = HIDDEN_VALUES[kind](prompt, node_id)
             function = getattr(cls(), cls.FUNCTION)
         else:
             cls, function_name = stubs[node["class_type"]]
@@ -351,12 +362,38 @@ def for_tiny_model(prompt: dict) -> dict:
     for node in prompt.values():
         if node["class_type"] == "DiffDISLoader":
             node["inputs"]["model"] = "tiny"
-        if node["class_type"] in ("DiffDISEncodeCondition", "DiffDISRemoveBackground"):
+        if node["class_type"] in ("DiffDISEncodeCondition", "DiffDISRemoveBackground", "DiffDISApplyAlpha") and \
+                "processing_res" in node["inputs"]:
             node["inputs"]["processing_res"] = 64
     return prompt
 
 
-def test_cutout_api_workflow_saves_an_rgba_cutout(comfy_dirs):
+@pytest.fixture
+def decoded_maps(monkeypatch) -> list:
+    """The batch size of every VAE decoder call, whatever model the prompt loads."""
+    from diffusers.models.autoencoders.vae import Decoder
+
+    calls = []
+    original = Decoder.forward
+
+    def counted(self, z, *args, **kwargs):
+        calls.append(z.shape[0])
+        return original(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "forward", counted)
+    return calls
+
+
+def estimated_colours(picture: np.ndarray, alpha: torch.Tensor) -> np.ndarray:
+    """What refine_foreground puts under ``alpha``: the estimated foreground, as 8-bit SaveImage writes it."""
+    from diffdis_core import estimate_foreground
+
+    pixels = torch.from_numpy(picture[..., :3].astype(np.float32) / 255.0).movedim(-1, 0)[None]
+    colours = estimate_foreground(pixels, alpha.reshape(1, 1, *alpha.shape[-2:]))[0].movedim(0, -1)
+    return np.clip(255.0 * colours.numpy(), 0, 255).astype(np.uint8)
+
+
+def test_cutout_api_workflow_saves_an_rgba_cutout(comfy_dirs, decoded_maps):
     width, height = 56, 40
     picture = np.zeros((height, width, 4), np.uint8)
     picture[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None]
@@ -371,16 +408,20 @@ def test_cutout_api_workflow_saves_an_rgba_cutout(comfy_dirs):
     results = execute(prompt, CORE_STUBS)
 
     decode_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISDecode")
-    assert prompt[decode_id]["inputs"]["decode"] == "mask only"  # nothing here uses the edge
-    mask, _ = results[decode_id]
-    assert mask.shape == (1, height, width)
+    assert prompt[decode_id]["inputs"]["decode"] == "auto"  # nothing here uses the edge: the mask only
+    assert decoded_maps == [1]
+    mask, edge = results[decode_id]
+    assert mask.shape == edge.shape == (1, height, width) and edge.abs().max() == 0
     assert len(SaveImage.saved) == 1
     prefix, path = SaveImage.saved[0]
     assert prefix == "DiffDIS/cutout"
     with Image.open(path) as saved:
         assert saved.mode == "RGBA" and saved.size == (width, height)
         cutout = np.asarray(saved)
-    np.testing.assert_array_equal(cutout[..., :3], picture[..., :3])
+    # The picture is no larger than processing_res: the mask as decoded, the subject's colours under it.
+    expected_rgb = estimated_colours(picture, mask)
+    assert np.abs(cutout[..., :3].astype(int) - expected_rgb).max() <= 1
+    assert np.abs(cutout[..., :3].astype(int) - picture[..., :3]).max() > 8
     expected_alpha = np.clip(255.0 * mask[0].numpy(), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(cutout[..., 3], expected_alpha)
     assert cutout[..., 3].max() > cutout[..., 3].min()
@@ -390,10 +431,10 @@ def test_cutout_api_workflow_saves_an_rgba_cutout(comfy_dirs):
 
 
 def test_remove_background_api_workflow_saves_the_same_cutout_in_one_node(comfy_dirs):
-    width, height = 56, 40
+    width, height = 104, 72  # larger than the processing size: edges refined, in both graphs alike
     picture = np.zeros((height, width, 3), np.uint8)
     picture[..., 2] = np.linspace(0, 255, width, dtype=np.uint8)[None]
-    picture[8:32, 12:44] = (230, 200, 40)
+    picture[14:58, 22:80] = (230, 200, 40)
     Image.fromarray(picture).save(comfy_dirs / "input" / "test.png")
     staged = for_tiny_model(load("cutout", api=True))
     one_node = for_tiny_model(load("remove_background", api=True))
@@ -414,19 +455,43 @@ def test_remove_background_api_workflow_saves_the_same_cutout_in_one_node(comfy_
     torch.testing.assert_close(one_node_preview, staged_preview)
 
 
-def test_a_cutout_graph_saved_before_the_new_options_still_runs(comfy_dirs):
-    """The API cutout graph as shipped before Load DiffDIS had two outputs and Decode its decode
-    option: it runs unchanged and still gets both maps."""
-    Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(comfy_dirs / "input" / "test.png")
+def test_a_cutout_graph_saved_before_the_new_options_still_runs(comfy_dirs, decoded_maps):
+    """The API cutout graph as shipped before Load DiffDIS had two outputs, Decode its decode option and
+    Apply Alpha its refinements: it runs unchanged, and as it previews the edge, Decode (auto) still
+    decodes it. Without that preview the same graph decodes the mask only."""
+    picture = np.full((40, 56, 3), 90, np.uint8)
+    picture[10:30, 14:40] = (200, 60, 30)
+    Image.fromarray(picture).save(comfy_dirs / "input" / "test.png")
     saved = json.loads((ROOT / "tests" / "fixtures" / "saved_workflows" / "cutout_api.json").read_text())
     prompt = for_tiny_model(saved)
     prompt["1"]["inputs"]["image"] = "test.png"
     assert "decode" not in prompt["5"]["inputs"] and prompt["3"]["inputs"]["model"] == ["2", 0]
+    assert not {"refine_foreground", "refine_edges", "processing_res"} & set(prompt["6"]["inputs"])
+    assert prompt["6"]["class_type"] == "DiffDISApplyAlpha"
+    edge_users = [i for i, n in prompt.items() if n["inputs"].get("mask") == ["5", 1]]
+    assert edge_users
     results = execute(prompt, CORE_STUBS)
+    assert decoded_maps == [2]  # mask and edge
     mask, edge = results["5"]
     assert mask.shape == edge.shape == (1, 40, 56) and edge.max() > 0
     mask_preview, edge_preview = PreviewImage.previews
     torch.testing.assert_close(edge_preview[..., 0], edge)
+    cutout, _ = results["6"]  # the new defaults: the subject's colours under the mask
+    torch.testing.assert_close(cutout[..., 3], mask)
+    assert not torch.allclose(cutout[..., :3], torch.from_numpy(picture / 255.0).float()[None])
+
+    decoded_maps.clear()
+    PreviewImage.previews.clear()
+    without_edge = for_tiny_model(json.loads((ROOT / "tests" / "fixtures" / "saved_workflows" /
+                                              "cutout_api.json").read_text()))
+    without_edge["1"]["inputs"]["image"] = "test.png"
+    for node_id in edge_users:
+        del without_edge[node_id]
+        without_edge = {i: n for i, n in without_edge.items()
+                        if not any(v == [node_id, 0] for v in n["inputs"].values())}
+    results = execute(without_edge, CORE_STUBS)
+    assert decoded_maps == [1]
+    torch.testing.assert_close(results["5"][0], mask, atol=0, rtol=0)
 
 
 # Stand-ins for the text-to-image part, so the DiffDIS part of generate_and_cutout runs as wired.
@@ -466,6 +531,11 @@ class EmptyImage:
         return (rgb.expand(batch_size, height, width, 3).clone(),)
 
 
+class SplitImageWithAlpha:
+    def split(self, image):  # as core's: the colours, and the inverse of the alpha channel
+        return image[..., :3], 1.0 - image[..., 3]
+
+
 class ImageCompositeMasked:
     def composite(self, destination, source, x, y, resize_source, mask=None):
         assert (x, y, resize_source) == (0, 0, False) and destination.shape == source.shape
@@ -475,7 +545,8 @@ class ImageCompositeMasked:
 
 GENERATE_STUBS = {**CORE_STUBS, **{cls.__name__: (cls, function) for cls, function in [
     (CheckpointLoaderSimple, "load_checkpoint"), (CLIPTextEncode, "encode"), (EmptyLatentImage, "generate"),
-    (KSampler, "sample"), (VAEDecode, "decode"), (EmptyImage, "generate"), (ImageCompositeMasked, "composite")]}}
+    (KSampler, "sample"), (VAEDecode, "decode"), (EmptyImage, "generate"), (ImageCompositeMasked, "composite"),
+    (SplitImageWithAlpha, "split")]}}
 
 
 def test_generate_and_cutout_api_workflow_wires_diffdis_between_core_nodes(comfy_dirs):
@@ -489,3 +560,11 @@ def test_generate_and_cutout_api_workflow_wires_diffdis_between_core_nodes(comfy
         assert composite.mode == "RGB" and composite.size == (512, 512)
     decode_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISDecode")
     assert results[decode_id][0].shape == (1, 512, 512)
+    # The composite is made of the cutout's own (refined) colours and its alpha, not the generated pixels.
+    apply_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISApplyAlpha")
+    composite_id = next(i for i, n in prompt.items() if n["class_type"] == "ImageCompositeMasked")
+    background_id = prompt[composite_id]["inputs"]["destination"][0]
+    rgba, alpha = results[apply_id]
+    (background,) = results[background_id]
+    expected = rgba[..., :3] * alpha[..., None] + background * (1 - alpha[..., None])
+    torch.testing.assert_close(results[composite_id][0], expected, atol=1e-6, rtol=0)
