@@ -14,7 +14,7 @@ from diffdis_core import spec
 from . import batching, refinement, services, tensors
 from .checks import check_int
 from .segmentation import (MAX_RESOLUTION, MAX_SEED, check_model, check_processing_res, decode_chunk,
-                           encode_chunk, segment_chunk)
+                           encode_chunk, frame_pixels, segment_chunk)
 from .services import CATEGORY, SEARCH_ALIASES
 
 DEFAULT_PROCESSING_RES = 1024  # as trained
@@ -26,27 +26,34 @@ def cutout_steps(count: int, tta: bool = False, ensemble: int = 1) -> int:
 
 
 def cutout_masks(model, image: torch.Tensor, processing_res: int, seed: int = 0, tta: bool = False,
-                 ensemble: int = 1, normalize: bool = True, progress=None) -> torch.Tensor:
+                 ensemble: int = 1, normalize: bool = True, refine_edges: bool = False, progress=None) -> torch.Tensor:
     """DiffDIS masks (foreground = 1) of an IMAGE batch: MASK [B, H, W] on ComfyUI's intermediate
     device; the same values as Encode Condition -> One-Step Segment -> Decode (mask only).
-    ``progress`` (a bar with room for cutout_steps) is advanced as the stages run; by default a bar of its own."""
+    ``refine_edges``: masks of frames larger than the processing size are brought to their size along
+    the frames' edges, from the processing-size mask (better than Apply Alpha can do from a MASK at the
+    frame's size). ``progress`` (a bar with room for cutout_steps) is advanced as the stages run; by
+    default a bar of its own."""
     tensors.image_to_rgb(image)  # checks the IMAGE before any work
     frames = image if image.ndim == 4 else image[None]
     count = frames.shape[0]
+    edges = refine_edges and refinement.refines_edges(tuple(frames.shape[1:3]), processing_res)
     per_image = max(batching.encode_bytes(processing_res, model.vae_dtype),
                     batching.segment_bytes(processing_res, model.dtype, model.vae_dtype, tta),
-                    batching.decode_bytes(processing_res, model.vae_dtype, ensemble, tta))
+                    batching.decode_bytes(processing_res, model.vae_dtype, ensemble, tta),
+                    refinement.frame_bytes(tuple(frames.shape[1:3]), processing_res, edges) if edges else 0)
     pipe = model.ready(per_image)
     if progress is None:
         progress = services.progress_bar(cutout_steps(count, tta, ensemble))
     keep_on = services.intermediate_device()
 
     def cutout_part(start: int, stop: int) -> torch.Tensor:
-        condition = encode_chunk(pipe, frames[start:stop], processing_res, keep_image=tta)
+        pixels = frame_pixels(pipe, frames[start:stop])
+        condition = encode_chunk(pipe, pixels, processing_res, keep_image=tta)
         progress.update(stop - start)
         latents = segment_chunk(pipe, condition, seed, ensemble, tta, progress.update)
         del condition
-        mask, _ = decode_chunk(pipe, latents, decode_edge=False, normalize=normalize)
+        mask, _ = decode_chunk(pipe, latents, decode_edge=False, normalize=normalize,
+                               refine_edges_with=pixels if edges else None)
         progress.update(stop - start)
         return mask.to(keep_on)
 
@@ -98,9 +105,9 @@ class DiffDISRemoveBackground:
     DESCRIPTION = ("Cuts the foreground out of an image in one node: DiffDIS segments it (mask only, at "
                    "processing_res) and the mask becomes the image's alpha channel, or the background is replaced "
                    "by a colour, with the subject's own colours under soft edges and, on images larger than "
-                   "processing_res, edges refined at full resolution. The same cutout as Encode / Segment / Decode "
-                   "-> Apply Alpha with the same settings; use those for ensembles, the edge map or threshold, "
-                   "grow and feather.")
+                   "processing_res, edges refined at full resolution from the processing-size mask. The stage "
+                   "nodes (Encode / Segment / Decode -> Apply Alpha) give the same mask; use them for ensembles, "
+                   "the edge map or threshold, grow and feather.")
 
     def remove_background(self, model, image, processing_res: int, seed: int, tta: bool, background: str,
                           custom_color: str, refine_foreground: bool = True, refine_edges: bool = True):
@@ -112,8 +119,9 @@ class DiffDISRemoveBackground:
         rgb = tensors.image_to_rgb(image)
         count = rgb.shape[0]
         progress = services.progress_bar(cutout_steps(count, tta) + count)  # the stages, then the refinements
-        mask = cutout_masks(model, image, processing_res, seed=seed, tta=tta, progress=progress)
-        colours, alpha = refinement.refine_cutouts(rgb.to(mask.device), mask, processing_res, bool(refine_edges),
+        mask = cutout_masks(model, image, processing_res, seed=seed, tta=tta, refine_edges=bool(refine_edges),
+                            progress=progress)
+        colours, alpha = refinement.refine_cutouts(rgb.to(mask.device), mask, processing_res, False,
                                                    bool(refine_foreground), device=model.load_device,
                                                    progress=progress)
         return tensors.apply_background(colours, alpha, color), alpha
@@ -140,12 +148,7 @@ class DiffDISBackgroundRemoval:
         self.dtype = self.diffdis.dtype
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        rgb = tensors.image_to_rgb(image)
-        count = rgb.shape[0]
-        progress = services.progress_bar(cutout_steps(count) + count)
-        mask = cutout_masks(self.diffdis, image, self.image_size, seed=self.seed, progress=progress)
-        _, mask = refinement.refine_cutouts(rgb.to(mask.device), mask, self.image_size, refine_edges=True,
-                                            refine_foreground=False, device=self.load_device, progress=progress)
+        mask = cutout_masks(self.diffdis, image, self.image_size, seed=self.seed, refine_edges=True)
         return mask[:, None].to(services.intermediate_dtype())
 
     def __repr__(self) -> str:

@@ -41,6 +41,11 @@ def refines_edges(size: tuple[int, int], processing_res: int) -> bool:
     return size[0] > processing_res or size[1] > processing_res
 
 
+def frame_bytes(size: tuple[int, int], processing_res: int, edges: bool) -> int:
+    """Working memory of the refinements of one frame of ``size``; ``edges``: with refine_alpha."""
+    return BYTES_PER_PIXEL * size[0] * size[1] + (BYTES_PER_PROCESSING_PIXEL * processing_res ** 2 if edges else 0)
+
+
 def refine_cutouts(rgb: torch.Tensor, mask: torch.Tensor, processing_res: int, refine_edges: bool,
                    refine_foreground: bool, device: torch.device,
                    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -64,7 +69,7 @@ def refine_cutouts(rgb: torch.Tensor, mask: torch.Tensor, processing_res: int, r
         return rgb, alpha
     matting = core()
     keep_on = services.intermediate_device()
-    per_frame = BYTES_PER_PIXEL * size[0] * size[1] + (BYTES_PER_PROCESSING_PIXEL * processing_res ** 2 if edges else 0)
+    per_frame = frame_bytes(size, processing_res, edges)
     services.make_room(per_frame, device)
 
     def refine_part(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:

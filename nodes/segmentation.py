@@ -60,10 +60,14 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for _ in range(count)]
 
 
-def encode_chunk(pipe, frames: torch.Tensor, processing_res: int, keep_image: bool = True):
-    """The core condition of IMAGE frames (moved to the pipeline's device); ``keep_image`` keeps the
-    processing-size image, which only test-time augmentation needs."""
-    pixels = tensors.image_to_pixels(frames).to(pipe.device)
+def frame_pixels(pipe, frames: torch.Tensor) -> torch.Tensor:
+    """IMAGE frames as the core's [B, 3, H, W] on the pipeline's device."""
+    return tensors.image_to_pixels(frames).to(pipe.device)
+
+
+def encode_chunk(pipe, pixels: torch.Tensor, processing_res: int, keep_image: bool = True):
+    """The core condition of frames (``frame_pixels``); ``keep_image`` keeps the processing-size image,
+    which only test-time augmentation needs."""
     return pipe.encode_condition(pixels, processing_res, keep_image=keep_image)
 
 
@@ -80,9 +84,12 @@ def segment_chunk(pipe, condition, seed: int, ensemble: int, tta: bool, after_un
                         callback=lambda: after_unet_call(count))
 
 
-def decode_chunk(pipe, latents, decode_edge: bool, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """MASKs [B, H, W] of the mask (and the edge, or None) at the frames' sizes."""
-    out = pipe.decode(latents, decode_edge=decode_edge, minmax=normalize)
+def decode_chunk(pipe, latents, decode_edge: bool, normalize: bool, refine_edges_with: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MASKs [B, H, W] of the mask (and the edge, or None) at the frames' sizes; with ``refine_edges_with``
+    (the frames' pixels) the mask is brought to a larger frame's size along its edges (the core's
+    refine_alpha, from the processing-size mask) instead of bilinearly."""
+    out = pipe.decode(latents, decode_edge=decode_edge, minmax=normalize, refine_edges_with=refine_edges_with)
     edge = tensors.maps_to_mask(out.edge) if decode_edge else None
     return tensors.maps_to_mask(out.mask), edge
 
@@ -154,7 +161,7 @@ class DiffDISEncodeCondition:
         keep_on = services.intermediate_device()
 
         def encode_part(start: int, stop: int):
-            condition = encode_chunk(pipe, frames[start:stop], processing_res, keep_image=False)
+            condition = encode_chunk(pipe, frame_pixels(pipe, frames[start:stop]), processing_res, keep_image=False)
             progress.update(stop - start)
             return [latent.to(keep_on) for latent in condition.rgb_latents], condition.sizes
 
@@ -215,7 +222,7 @@ class DiffDISOneStepSegment:
 
         def segment_part(start: int, stop: int):
             if tta:
-                condition = encode_chunk(pipe, cond.frames[start:stop], cond.processing_res)
+                condition = encode_chunk(pipe, frame_pixels(pipe, cond.frames[start:stop]), cond.processing_res)
             else:
                 condition = core_condition(pipe, cond, start, stop)
             latents = segment_chunk(pipe, condition, seed, ensemble, tta, progress.update)

@@ -1180,19 +1180,23 @@ def test_refinements_run_in_chunks_with_progress_and_cancel(monkeypatch, memory_
     assert sizes == [2]
 
 
-def test_remove_background_refines_like_apply_alpha(model):
-    """On an image larger than processing_res the one-node cutout refines the edges (its mask output is
-    the refined alpha) and the colours, as Decode -> Apply Alpha with the same processing_res does."""
-    from diffdis_core import refine_alpha
+def test_remove_background_refines_edges_from_the_processing_size_mask(model):
+    """On an image larger than processing_res the one-node cutout brings the mask to the image along its
+    edges from the mask at the processing size (the pipeline's refine_edges), which Apply Alpha, given a
+    MASK already stretched to the image, can only approximate; the colours are then estimated under it.
+    Its mask output is that alpha."""
+    from diffdis_core import estimate_foreground
 
     batch = images(batch=2, height=80, width=104, seed=2)
-    staged_mask, _ = segment(model, batch, seed=4, decode="mask only")
-    staged, staged_alpha = apply(batch, staged_mask, processing_res=RES)
     one_node, alpha = remove_background(model, batch, seed=4)
-    torch.testing.assert_close(alpha, staged_alpha, atol=1e-6, rtol=0)
-    torch.testing.assert_close(one_node, staged, atol=1e-6, rtol=0)
-    expected = refine_alpha(to_core(batch), staged_mask[:, None], predicted_at=(RES, RES))[:, 0]
-    torch.testing.assert_close(alpha, expected, atol=1e-6, rtol=0)
+    expected = model.pipeline(to_core(batch), processing_res=RES, decode_edge=False, refine_edges=True,
+                              generator=[torch.Generator().manual_seed(4) for _ in range(2)]).mask
+    torch.testing.assert_close(alpha, expected[:, 0], atol=1e-5, rtol=0)
+    staged_mask, _ = segment(model, batch, seed=4, decode="mask only")
+    assert (alpha - staged_mask).abs().max() > 0.01  # refined, not bilinear
+    torch.testing.assert_close(one_node[..., 3], alpha, atol=0, rtol=0)
+    torch.testing.assert_close(one_node[..., :3], to_image(estimate_foreground(to_core(batch), alpha[:, None])),
+                               atol=1e-6, rtol=0)
     plain, plain_mask = run("DiffDISRemoveBackground", model=model, image=batch, processing_res=RES, seed=4,
                             tta=False, background="alpha", custom_color="#000000", refine_foreground=False,
                             refine_edges=False)
@@ -1210,8 +1214,9 @@ def test_background_removal_model_refines_edges_of_larger_images(model, monkeypa
     large = images(batch=1, height=72, width=96, seed=8)
     mask = bg_model.encode_image(large)
     staged, _ = segment(model, large, seed=0, decode="mask only")
-    expected = refine_alpha(to_core(large), staged[:, None], predicted_at=(RES, RES))
-    torch.testing.assert_close(mask, expected, atol=1e-5, rtol=0)
+    processing_size = model.pipeline(to_core(large), processing_res=RES, generator=torch.Generator().manual_seed(0),
+                                     decode_edge=False, output_size=False).mask
+    torch.testing.assert_close(mask, refine_alpha(to_core(large), processing_size), atol=1e-5, rtol=0)
     assert (mask[:, 0] - staged).abs().max() > 0.01
     small = images(batch=1, height=48, width=64, seed=8)
     staged_small, _ = segment(model, small, seed=0, decode="mask only")
