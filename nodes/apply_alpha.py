@@ -12,6 +12,7 @@ BACKGROUNDS = tensors.BACKGROUNDS
 MAX_RESOLUTION = spec.MAX_PROCESSING_RES
 DEFAULT_PROCESSING_RES = 1024  # Encode Condition's default, as trained
 
+
 class DiffDISApplyAlpha:
     SEARCH_ALIASES = [*SEARCH_ALIASES, "apply mask", "transparent background", "replace background", "composite",
                       "join image with alpha", *refinement.SEARCH_ALIASES]
