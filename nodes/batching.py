@@ -47,10 +47,11 @@ def segment_bytes(processing_res: int, dtype: torch.dtype, vae_dtype: torch.dtyp
     return max(unet, encode_bytes(side, vae_dtype)) if tta else unet
 
 
-def decode_bytes(processing_res: int, vae_dtype: torch.dtype, maps_per_image: int, tta: bool) -> int:
-    """One image's VAE decode: the core decodes all maps of a view (mask, edge, each draw) at once."""
+def decode_bytes(processing_res: int, vae_dtype: torch.dtype, tta: bool) -> int:
+    """One image's VAE decode: the core decodes one map per image at a time (the masks, then the edges,
+    of each draw and view), so the edge, ensembling and TTA add nothing to the peak."""
     side = math.ceil(processing_res * (TTA_MAX_SCALE if tta else 1.0))
-    return VAE_DECODE_BYTES_PER_PIXEL * side ** 2 * services.dtype_size(vae_dtype) * maps_per_image
+    return VAE_DECODE_BYTES_PER_PIXEL * side ** 2 * services.dtype_size(vae_dtype)
 
 
 def chunk_size(bytes_per_image: int, device: torch.device) -> int:

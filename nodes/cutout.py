@@ -39,7 +39,7 @@ def cutout_masks(model, image: torch.Tensor, processing_res: int, seed: int = 0,
     edges = refine_edges and refinement.refines_edges(tuple(frames.shape[1:3]), processing_res)
     per_image = max(batching.encode_bytes(processing_res, model.vae_dtype),
                     batching.segment_bytes(processing_res, model.dtype, model.vae_dtype, tta),
-                    batching.decode_bytes(processing_res, model.vae_dtype, ensemble, tta),
+                    batching.decode_bytes(processing_res, model.vae_dtype, tta),
                     refinement.frame_bytes(tuple(frames.shape[1:3]), processing_res, edges) if edges else 0)
     pipe = model.ready(per_image)
     if progress is None:

@@ -29,7 +29,14 @@ class DiffDISLoader:
                     "default": "auto",
                     "tooltip": "auto uses ComfyUI's device (CUDA, Apple MPS, Intel XPU or CPU) and lets ComfyUI "
                                "offload the model when other models need the memory; cpu keeps it on the CPU."}),
-            }
+            },
+            "optional": {
+                "compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "torch.compile the UNet and VAE: the first run at each size and batch compiles "
+                               "(minutes), later runs are faster. Needs Triton on NVIDIA GPUs and a C++ compiler "
+                               "on the CPU. Off by default."}),
+            },
         }
 
     # Slot 0 stays DIFFDIS_MODEL (saved workflows link to it). BACKGROUND_REMOVAL is ComfyUI's own type
@@ -46,6 +53,6 @@ class DiffDISLoader:
                    "wires and lattices. Model folders are read from ComfyUI/models/diffdis; a complete folder is "
                    "loaded without touching the network.")
 
-    def load(self, model: str, precision: str, device: str):
-        loaded = models.load(model, precision, device)
+    def load(self, model: str, precision: str, device: str, compile: bool = False):
+        loaded = models.load(model, precision, device, compile=bool(compile))
         return loaded, DiffDISBackgroundRemoval(loaded)

@@ -280,10 +280,8 @@ class DiffDISDecode:
         else:
             with_edge = decode == MASK_AND_EDGE
         count = len(latents.sizes)
-        draws = latents.views[0].mask_latents.shape[0]
         tta = len(latents.views) > 1
-        per_image = batching.decode_bytes(latents.processing_res, model.vae_dtype, (2 if with_edge else 1) * draws,
-                                          tta)
+        per_image = batching.decode_bytes(latents.processing_res, model.vae_dtype, tta)
         pipe = model.ready(per_image)
         progress = services.progress_bar(count)
         keep_on = services.intermediate_device()

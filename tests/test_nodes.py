@@ -1222,3 +1222,25 @@ def test_background_removal_model_refines_edges_of_larger_images(model, monkeypa
     staged_small, _ = segment(model, small, seed=0, decode="mask only")
     torch.testing.assert_close(bg_model.encode_image(small)[:, 0], staged_small, atol=1e-6, rtol=0)
 
+
+
+def test_loader_compile_toggle_compiles_the_unet_and_vae_and_keeps_the_masks(model, monkeypatch):
+    """compile = true: torch.compile'd UNet and VAE (traced here with the eager backend, so the test
+    needs no compiler) give the same masks; off by default."""
+    plain_mask, _ = segment(model, images(batch=1))
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager"))
+    compiled, _ = run("DiffDISLoader", model="tiny", precision="fp32", device="cpu", compile=True)
+    pipe = compiled.pipeline
+    assert all(getattr(m, "_compiled_call_impl", None) is not None for m in (pipe.unet, pipe.vae.encoder, pipe.vae.decoder))
+    assert model.pipeline.unet._compiled_call_impl is None
+    compiled_mask, _ = segment(compiled, images(batch=1))
+    torch.testing.assert_close(compiled_mask, plain_mask, atol=1e-5, rtol=0)
+
+
+def test_loader_compile_without_a_compiler_says_what_to_install(monkeypatch):
+    from diffdis_core import DiffDISError
+
+    monkeypatch.setattr(models.shutil, "which", lambda name: None)
+    with pytest.raises(DiffDISError, match="compile on the CPU needs a C\\+\\+ compiler .* or turn compile off"):
+        run("DiffDISLoader", model="tiny", precision="fp32", device="cpu", compile=True)

@@ -473,7 +473,7 @@ def test_a_cutout_graph_saved_before_the_new_options_still_runs(comfy_dirs, deco
     edge_users = [i for i, n in prompt.items() if n["inputs"].get("mask") == ["5", 1]]
     assert edge_users
     results = execute(prompt, CORE_STUBS)
-    assert decoded_maps == [2]  # mask and edge
+    assert decoded_maps == [1, 1]  # the mask, then the edge
     mask, edge = results["5"]
     assert mask.shape == edge.shape == (1, 40, 56) and edge.max() > 0
     mask_preview, edge_preview = PreviewImage.previews
