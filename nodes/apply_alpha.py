@@ -9,8 +9,6 @@ from .checks import check_float, check_int
 from .services import CATEGORY, SEARCH_ALIASES
 
 BACKGROUNDS = tensors.BACKGROUNDS
-MAX_RESOLUTION = spec.MAX_PROCESSING_RES
-DEFAULT_PROCESSING_RES = 1024  # Encode Condition's default, as trained
 
 
 class DiffDISApplyAlpha:
@@ -46,11 +44,9 @@ class DiffDISApplyAlpha:
             "optional": {
                 "refine_foreground": ("BOOLEAN", {"default": True, "tooltip": refinement.REFINE_FOREGROUND_TOOLTIP}),
                 "refine_edges": ("BOOLEAN", {"default": True, "tooltip": refinement.REFINE_EDGES_TOOLTIP}),
-                "processing_res": ("INT", {
-                    "default": DEFAULT_PROCESSING_RES, "min": spec.PROCESSING_MULTIPLE, "max": MAX_RESOLUTION,
-                    "step": spec.PROCESSING_MULTIPLE,
-                    "tooltip": "The size the mask was predicted at: set it to DiffDIS Encode Condition's "
-                               "processing_res (a MASK does not carry it). Used by refine_edges only."}),
+                "processing_res": services.processing_res_input(
+                    "The size the mask was predicted at: set it to DiffDIS Encode Condition's "
+                    "processing_res (a MASK does not carry it). Used by refine_edges only."),
             },
         }
 
@@ -67,7 +63,7 @@ class DiffDISApplyAlpha:
 
     def apply(self, image, mask, background: str, custom_color: str, mask_blur: int, mask_expand: int,
               threshold: float, invert: bool, refine_foreground: bool = True, refine_edges: bool = True,
-              processing_res: int = DEFAULT_PROCESSING_RES):
+              processing_res: int = services.DEFAULT_PROCESSING_RES):
         color = tensors.background_color(background, custom_color)
         mask_blur = check_int("mask_blur", mask_blur, 0, 256)
         mask_expand = check_int("mask_expand", mask_expand, -256, 256)

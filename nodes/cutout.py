@@ -13,11 +13,9 @@ from diffdis_core import spec
 
 from . import batching, refinement, services, tensors
 from .checks import check_int
-from .segmentation import (MAX_RESOLUTION, MAX_SEED, check_model, check_processing_res, decode_chunk,
+from .segmentation import (MAX_SEED, check_model, check_processing_res, decode_chunk,
                            encode_chunk, frame_pixels, segment_chunk)
 from .services import CATEGORY, SEARCH_ALIASES
-
-DEFAULT_PROCESSING_RES = 1024  # as trained
 
 
 def cutout_steps(count: int, tta: bool = False, ensemble: int = 1) -> int:
@@ -73,11 +71,9 @@ class DiffDISRemoveBackground:
                 "model": ("DIFFDIS_MODEL", {"tooltip": "From Load DiffDIS."}),
                 "image": ("IMAGE", {"tooltip": "The image(s) to cut out; a batch (e.g. video frames) runs in chunks "
                                                "that fit in memory. An alpha channel is ignored."}),
-                "processing_res": ("INT", {
-                    "default": DEFAULT_PROCESSING_RES, "min": spec.PROCESSING_MULTIPLE, "max": MAX_RESOLUTION,
-                    "step": spec.PROCESSING_MULTIPLE,
-                    "tooltip": "Side of the square the image is resized to for the model: a multiple of 64 (of 256 "
-                               "with TTA). DiffDIS was trained at 1024; lower is faster and coarser."}),
+                "processing_res": services.processing_res_input(
+                    "Side of the square the image is resized to for the model: a multiple of 64 (of 256 "
+                    "with TTA). DiffDIS was trained at 1024; lower is faster and coarser."),
                 "seed": ("INT", {
                     "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                     "tooltip": "Seed of the starting noise; the same seed gives the same mask."}),
@@ -138,7 +134,7 @@ class DiffDISBackgroundRemoval:
 
     seed = 0
 
-    def __init__(self, model, processing_res: int = DEFAULT_PROCESSING_RES):
+    def __init__(self, model, processing_res: int = services.DEFAULT_PROCESSING_RES):
         self.diffdis = check_model(model)
         self.image_size = processing_res  # the name ComfyUI's own models use
         # What ComfyUI's own background-removal models expose, for nodes that look at them.

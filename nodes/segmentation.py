@@ -19,7 +19,6 @@ from .checks import check_choice, check_int, core, error
 from .models import DiffDISModel
 from .services import CATEGORY, SEARCH_ALIASES
 
-MAX_RESOLUTION = spec.MAX_PROCESSING_RES
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 AUTO, MASK_ONLY, MASK_AND_EDGE = "auto", "mask only", "mask and edge"
 DECODE_CHOICES = [AUTO, MASK_ONLY, MASK_AND_EDGE]
@@ -133,11 +132,9 @@ class DiffDISEncodeCondition:
                 "model": ("DIFFDIS_MODEL", {"tooltip": "From Load DiffDIS."}),
                 "image": ("IMAGE", {"tooltip": "The image(s) to segment; a batch (e.g. video frames) is processed "
                                                "in chunks that fit in memory. An alpha channel is ignored."}),
-                "processing_res": ("INT", {
-                    "default": 1024, "min": spec.PROCESSING_MULTIPLE, "max": MAX_RESOLUTION,
-                    "step": spec.PROCESSING_MULTIPLE,
-                    "tooltip": "Side of the square the image is resized to for the model: a multiple of 64 (of 256 "
-                               "with TTA). DiffDIS was trained at 1024; the mask is resized back to the image size."}),
+                "processing_res": services.processing_res_input(
+                    "Side of the square the image is resized to for the model: a multiple of 64 (of 256 "
+                    "with TTA). DiffDIS was trained at 1024; the mask is resized back to the image size."),
             }
         }
 
