@@ -443,7 +443,7 @@ def test_cutouts_are_refined_by_default(tmp_path, official_tiny):
     colours = pixels.permute(2, 0, 1)[None].float() / 255
     square = pipe(pixels.permute(2, 0, 1)[None], processing_res=64, generator=torch.Generator().manual_seed(0),
                   decode_edge=False, output_size=False).mask
-    refined_mask = np.asarray(Image.open(tmp_path / "refined" / "big_mask.png"))
+    refined_mask = np.array(Image.open(tmp_path / "refined" / "big_mask.png"))
     plain_mask = np.asarray(Image.open(tmp_path / "plain" / "big_mask.png"))
     assert np.array_equal(refined_mask, map_to_uint8(refine_alpha(colours, square)))
     assert np.array_equal(plain_mask, map_to_uint8(square, (150, 120)))
