@@ -455,3 +455,23 @@ def test_cutouts_are_refined_by_default(tmp_path, official_tiny):
     plain = np.asarray(Image.open(tmp_path / "plain" / "big.png"))
     assert np.array_equal(plain[..., :3], pixels.numpy())
     assert not np.array_equal(refined[..., :3], plain[..., :3])
+
+
+def test_compile_option_compiles_the_model_and_keeps_the_cutout(tmp_path, official_tiny, monkeypatch):
+    """--compile: torch.compile'd UNet and VAE (traced with the eager backend here, so no compiler is
+    needed) write the same cutout."""
+    noise_image(40, 32).save(tmp_path / "photo.png")
+    common = (str(tmp_path / "photo.png"), "--dtype", "fp32", "--no-refine-foreground")
+    assert cli(official_tiny, *common, "--output", str(tmp_path / "plain")) == 0
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    assert cli(official_tiny, *common, "--output", str(tmp_path / "compiled"), "--compile") == 0
+    assert len(compiled) == 3  # the UNet, the VAE encoder and decoder
+    plain = np.asarray(Image.open(tmp_path / "plain" / "photo.png")).astype(int)
+    assert np.abs(np.asarray(Image.open(tmp_path / "compiled" / "photo.png")).astype(int) - plain).max() <= 1
