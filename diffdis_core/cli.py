@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also search subfolders of folder inputs; the results mirror the folder tree")
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                         help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS}; 0: no limit); an image "
-                             "takes 4 to 7 bytes a pixel besides the model, about 75 with the default refinements "
+                             "takes 4 to 7 bytes a pixel besides the model, 55 to 75 with the default refinements "
                              "(25 with --no-refine-foreground)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and VAE: the first image of each size compiles (minutes), "

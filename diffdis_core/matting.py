@@ -39,6 +39,7 @@ _TOP_SWEEPS = 3  # the full-size level
 _TILE = 64
 _TILE_ACCELERATOR = 512
 _RUN_TILES = 32
+_CHANNELWISE_PIXELS = 1 << 24  # 16.8 megapixels and more: one colour channel at a time
 
 
 def _check_maps(image: torch.Tensor, alpha: torch.Tensor, caller: str, same_size: bool) -> None:
@@ -68,18 +69,31 @@ def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor) -> torch.Tenso
     _check_maps(image, alpha, "estimate_foreground", same_size=True)
     image_w = image.to(_WORK_DTYPE)
     alpha_w = alpha.to(_WORK_DTYPE).clamp(0, 1)
+    channels = image.shape[1]
+    # The colour channels are independent systems: large images are solved one channel at a time (the same
+    # result, a third of the working memory), small ones all at once (fewer, larger operations).
+    group = 1 if image.shape[-2] * image.shape[-1] >= _CHANNELWISE_PIXELS else channels
+    foreground = torch.empty_like(image_w)
+    for first in range(0, channels, group):
+        part = image_w[:, first:first + group]
+        foreground[:, first:first + group] = torch.where(alpha_w == 1, part, _solve_levels(part, alpha_w))
+    return foreground.to(image.dtype)
+
+
+def _solve_levels(image: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The foreground colours [B, C, H, W] from the coarsest level to the full size."""
     height, width = image.shape[-2:]
-    both = None  # the foreground and background colours of the previous level, [B, 6, h, w]
+    both = None  # the foreground and background colours of the previous level, [B, 2C, h, w]
     for h, w in _level_sizes(height, width):
-        level_image = _resize_nearest(image_w, h, w)
-        level_alpha = _resize_nearest(alpha_w, h, w)
+        level_image = _resize_nearest(image, h, w)
+        level_alpha = _resize_nearest(alpha, h, w)
         both = level_image.repeat(1, 2, 1, 1) if both is None else F.interpolate(both, size=(h, w), mode="nearest")
         if max(h, w) <= _SMALL_SIDE:
             sweeps = _SMALL_SWEEPS
         else:
             sweeps = _TOP_SWEEPS if (h, w) == (height, width) else _SWEEPS
         _relax_level(level_image, level_alpha, both, sweeps)
-    return torch.where(alpha_w == 1, image_w, both[:, :3]).to(image.dtype)
+    return both[:, :image.shape[1]]
 
 
 def _level_sizes(height: int, width: int) -> list[tuple[int, int]]:
@@ -164,8 +178,9 @@ def _window(x: torch.Tensor, n: int, top: int, bottom: int, left: int, right: in
 
 def _start_from_known(image: torch.Tensor, alpha: torch.Tensor, both: torch.Tensor) -> None:
     """Where alpha is 1 (0) the foreground (background) is the pixel itself: start from the answer."""
-    both[:, :3] = torch.where(alpha == 1, image, both[:, :3])
-    both[:, 3:] = torch.where(alpha == 0, image, both[:, 3:])
+    n = image.shape[1]
+    both[:, :n] = torch.where(alpha == 1, image, both[:, :n])
+    both[:, n:] = torch.where(alpha == 0, image, both[:, n:])
 
 
 def _jacobi(image: torch.Tensor, alpha: torch.Tensor, both: torch.Tensor, sweeps: int) -> torch.Tensor:
@@ -201,11 +216,12 @@ def _jacobi(image: torch.Tensor, alpha: torch.Tensor, both: torch.Tensor, sweeps
         # both covers the pixels ring - 1 .. size - ring; sums the pixels ring .. size - 1 - ring.
         sums = (up_w * both[..., :-2, 1:-1]).addcmul_(down_w, both[..., 2:, 1:-1])
         sums.addcmul_(left_w, both[..., 1:-1, :-2]).addcmul_(right_w, both[..., 1:-1, 2:])
-        fore_sums, back_sums = sums[:, :3], sums[:, 3:]
+        n = image.shape[1]
+        fore_sums, back_sums = sums[:, :n], sums[:, n:]
         inner = (..., slice(ring - 1, height - 1 - ring), slice(ring - 1, width - 1 - ring))  # in cf, qff...
         both = torch.empty_like(sums)
-        torch.addcmul(cf[inner], qff[inner], fore_sums, out=both[:, :3]).addcmul_(qfb[inner], back_sums)
-        torch.addcmul(cb[inner], qfb[inner], fore_sums, out=both[:, 3:]).addcmul_(qbb[inner], back_sums)
+        torch.addcmul(cf[inner], qff[inner], fore_sums, out=both[:, :n]).addcmul_(qfb[inner], back_sums)
+        torch.addcmul(cb[inner], qfb[inner], fore_sums, out=both[:, n:]).addcmul_(qbb[inner], back_sums)
         both.clamp_(0, 1)
     return both
 

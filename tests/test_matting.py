@@ -90,6 +90,18 @@ def test_foreground_tiles_give_the_whole_level_result(monkeypatch):
     torch.testing.assert_close(tiled, estimate_foreground(image, alpha), atol=1e-5, rtol=0)
 
 
+def test_foreground_of_large_images_is_solved_channel_by_channel_with_the_same_result(composite, monkeypatch):
+    """Above a size the colour channels are solved one at a time (less memory): the same colours."""
+    image, alpha = composite["image"], composite["alpha"]
+    together = estimate_foreground(image, alpha)
+    calls = []
+    solve = matting._solve_levels
+    monkeypatch.setattr(matting, "_solve_levels", lambda part, a: calls.append(part.shape[1]) or solve(part, a))
+    monkeypatch.setattr(matting, "_CHANNELWISE_PIXELS", image.shape[-2] * image.shape[-1])
+    torch.testing.assert_close(estimate_foreground(image, alpha), together, atol=1e-6, rtol=0)
+    assert calls == [1, 1, 1]
+
+
 @pytest.mark.parametrize("palette", ["contrasting", "similar"])
 def test_refined_edges_beat_bilinear(palette):
     big = make_composite(360, 480, seed=3, palette=palette, noise=0.005)
