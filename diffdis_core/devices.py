@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
+import shutil
 import sys
 import threading
 
@@ -21,6 +23,26 @@ DTYPE_CHOICES = ["auto", "fp32", "fp16", "bf16"]
 
 # CPU features that give bfloat16 matrix products in hardware (torch.cpu.get_capabilities() keys).
 NATIVE_BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def check_compiler(device: str | torch.device, turn_off: str = "turn compile off") -> None:
+    """torch.compile fails only at the first run, deep inside a model: say up front what is missing.
+    ``turn_off``: how the caller's user goes without compiling."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # a torch without this helper: let torch.compile speak for itself
+            return
+        if not has_triton():
+            raise DiffDISError("compile needs Triton on NVIDIA GPUs (pip install triton; on Windows triton-windows): "
+                               f"install it or {turn_off}")
+    elif device.type == "cpu":
+        compilers = (os.environ.get("CXX"), "g++", "c++", "clang++", "cl")
+        if any(shutil.which(c) for c in compilers if c):
+            return
+        raise DiffDISError("compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on PATH: "
+                           f"install one or {turn_off}")
 
 
 def pick_device(name: str = "auto") -> torch.device:

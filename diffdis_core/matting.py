@@ -200,6 +200,7 @@ def _jacobi(image: torch.Tensor, alpha: torch.Tensor, both: torch.Tensor, sweeps
         return (down[..., ring - 1:height - 1 - ring, cols], down[..., rows, cols],
                 right[..., rows, ring - 1:width - 1 - ring], right[..., rows, cols])
 
+    n = image.shape[1]  # colour channels: both holds n foreground then n background channels
     total = sum(weights(1))
     a = alpha[..., 1:-1, 1:-1]
     b = 1 - a
@@ -216,7 +217,6 @@ def _jacobi(image: torch.Tensor, alpha: torch.Tensor, both: torch.Tensor, sweeps
         # both covers the pixels ring - 1 .. size - ring; sums the pixels ring .. size - 1 - ring.
         sums = (up_w * both[..., :-2, 1:-1]).addcmul_(down_w, both[..., 2:, 1:-1])
         sums.addcmul_(left_w, both[..., 1:-1, :-2]).addcmul_(right_w, both[..., 1:-1, 2:])
-        n = image.shape[1]
         fore_sums, back_sums = sums[:, :n], sums[:, n:]
         inner = (..., slice(ring - 1, height - 1 - ring), slice(ring - 1, width - 1 - ring))  # in cf, qff...
         both = torch.empty_like(sums)

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .configs import LATENT_SCALE_FACTOR, SD_TURBO_SCHEDULER_CONFIG
-from .devices import pick_dtype, reuse_freed_memory, vae_dtype
+from .devices import check_compiler, pick_dtype, reuse_freed_memory, vae_dtype
 from .ensemble import ENSEMBLE_METHODS, ensemble_maps
 from .errors import DiffDISError
 from .image_io import pil_to_rgb_tensor
@@ -521,6 +521,8 @@ class DiffDISPipeline(DiffusionPipeline):
         """
         target = torch.device(device) if device is not None else torch.device("cpu")
         dtype = pick_dtype(torch_dtype, target)
+        if compile:
+            check_compiler(target)
         sources = ModelSources.resolve(model, base, local_dir=local_dir, **hub_kwargs)
         unet_state, repack_embed = read_unet_state_dict(sources.unet_weights)
         unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), dtype, device,

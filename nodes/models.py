@@ -4,9 +4,7 @@ handed to ComfyUI's memory management."""
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
@@ -196,22 +194,6 @@ def set_memory_format(pipeline: DiffDISPipeline, device: torch.device) -> None:
     pipeline.set_channels_last(device.type in ("cpu", "cuda"))
 
 
-def check_compiler(device: torch.device) -> None:
-    """torch.compile fails only at the first run, deep inside a node: say what is missing up front."""
-    if device.type == "cuda":
-        try:
-            from torch.utils._triton import has_triton
-        except ImportError:  # a torch without this helper: let torch.compile speak for itself
-            return
-        if not has_triton():
-            raise error("compile needs Triton on NVIDIA GPUs (pip install triton; on Windows triton-windows): "
-                        "install it or turn compile off in Load DiffDIS")
-    elif device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++", "cl")
-                                          if c):
-        raise error("compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on PATH: install one "
-                    "or turn compile off in Load DiffDIS")
-
-
 def load(name: str, precision: str, device: str, compile: bool = False) -> DiffDISModel:
     """Resolve (or download) the model folder and load it on the offload device; never touches the
     network for a folder that is already complete. ``compile``: torch.compile the UNet and VAE."""
@@ -219,11 +201,12 @@ def load(name: str, precision: str, device: str, compile: bool = False) -> DiffD
     check_choice("device", device, DEVICES)
     folder = model_folder(name)
     load_device, offload_device = services.choose_devices(device)
+    if compile:
+        devices.check_compiler(load_device, turn_off="turn compile off in Load DiffDIS")
     dtype = services.choose_dtype(precision, load_device, unet_parameter_count(folder))
     # base=None: everything comes from the folder, so nothing is fetched from the Hub.
     pipeline = core().DiffDISPipeline.from_pretrained(folder, base=None, torch_dtype=dtype, device=offload_device)
     set_memory_format(pipeline, load_device)
     if compile:
-        check_compiler(load_device)
         pipeline.compile()
     return DiffDISModel(pipeline, name, folder, load_device, offload_device)

@@ -475,3 +475,16 @@ def test_compile_option_compiles_the_model_and_keeps_the_cutout(tmp_path, offici
     assert len(compiled) == 3  # the UNet, the VAE encoder and decoder
     plain = np.asarray(Image.open(tmp_path / "plain" / "photo.png")).astype(int)
     assert np.abs(np.asarray(Image.open(tmp_path / "compiled" / "photo.png")).astype(int) - plain).max() <= 1
+
+
+def test_compile_without_a_compiler_is_one_line_before_any_weights_load(tmp_path, official_tiny, monkeypatch,
+                                                                        capsys):
+    from diffdis_core import devices, pipeline
+
+    noise_image(16, 16).save(tmp_path / "photo.png")
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pipeline, "read_unet_state_dict", lambda *a, **k: pytest.fail("the weights were read"))
+    assert cli(official_tiny, str(tmp_path / "photo.png"), "--output", str(tmp_path / "out"), "--dtype", "fp32",
+               "--compile") != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compile on the CPU needs a C++ compiler" in err[0] and "turn compile off" in err[0]

@@ -1232,15 +1232,17 @@ def test_loader_compile_toggle_compiles_the_unet_and_vae_and_keeps_the_masks(mod
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager"))
     compiled, _ = run("DiffDISLoader", model="tiny", precision="fp32", device="cpu", compile=True)
     pipe = compiled.pipeline
-    assert all(getattr(m, "_compiled_call_impl", None) is not None for m in (pipe.unet, pipe.vae.encoder, pipe.vae.decoder))
+    assert all(getattr(m, "_compiled_call_impl", None) is not None
+               for m in (pipe.unet, pipe.vae.encoder, pipe.vae.decoder))
     assert model.pipeline.unet._compiled_call_impl is None
     compiled_mask, _ = segment(compiled, images(batch=1))
     torch.testing.assert_close(compiled_mask, plain_mask, atol=1e-5, rtol=0)
 
 
 def test_loader_compile_without_a_compiler_says_what_to_install(monkeypatch):
-    from diffdis_core import DiffDISError
+    from diffdis_core import DiffDISError, devices
 
-    monkeypatch.setattr(models.shutil, "which", lambda name: None)
-    with pytest.raises(DiffDISError, match="compile on the CPU needs a C\\+\\+ compiler .* or turn compile off"):
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    with pytest.raises(DiffDISError,
+                       match="compile on the CPU needs a C\\+\\+ compiler .* or turn compile off in Load DiffDIS"):
         run("DiffDISLoader", model="tiny", precision="fp32", device="cpu", compile=True)
