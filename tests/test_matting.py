@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tolerances import assert_close_across_kernels
 import torch.nn.functional as F
 
 from benchmarks.synthetic_composites import alpha_errors, edge_band, foreground_error, make_composite
@@ -87,7 +88,7 @@ def test_foreground_tiles_give_the_whole_level_result(monkeypatch):
     monkeypatch.setattr(matting, "_RUN_TILES", 3)
     tiled = estimate_foreground(image, alpha)
     monkeypatch.setattr(matting, "_TILE", 1024)
-    torch.testing.assert_close(tiled, estimate_foreground(image, alpha), atol=1e-5, rtol=0)
+    assert_close_across_kernels(tiled, estimate_foreground(image, alpha))
 
 
 def test_foreground_of_large_images_is_solved_channel_by_channel_with_the_same_result(composite, monkeypatch):
@@ -98,7 +99,7 @@ def test_foreground_of_large_images_is_solved_channel_by_channel_with_the_same_r
     solve = matting._solve_levels
     monkeypatch.setattr(matting, "_solve_levels", lambda part, a: calls.append(part.shape[1]) or solve(part, a))
     monkeypatch.setattr(matting, "_CHANNELWISE_PIXELS", image.shape[-2] * image.shape[-1])
-    torch.testing.assert_close(estimate_foreground(image, alpha), together, atol=1e-6, rtol=0)
+    assert_close_across_kernels(estimate_foreground(image, alpha), together)
     assert calls == [1, 1, 1]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_close_across_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_IDS = ["DiffDISLoader", "DiffDISEncodeCondition", "DiffDISOneStepSegment", "DiffDISDecode", "DiffDISApplyAlpha",
@@ -407,7 +408,7 @@ def test_batch_rgba_input_and_per_image_seeding(model):
     # Each image's mask is what it gets alone: the batch does not change it.
     for i in range(3):
         alone, _ = segment(model, batch[i:i + 1], seed=11)
-        torch.testing.assert_close(mask[i:i + 1], alone, atol=1e-5, rtol=0)
+        assert_close_across_kernels(mask[i:i + 1], alone)
     assert not torch.allclose(mask[0], mask[1])
     other_seed, _ = segment(model, batch, seed=12)
     assert not torch.allclose(mask, other_seed)
@@ -580,7 +581,7 @@ def test_frame_conditions_keep_no_processing_size_images(model):
     mask, _ = run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="mask only")
     expected = model.pipeline(frames[:1].movedim(-1, 1), processing_res=256, tta=True,
                               generator=torch.Generator().manual_seed(0), decode_edge=False)
-    torch.testing.assert_close(mask[:1], expected.mask[:, 0], atol=1e-5, rtol=0)
+    assert_close_across_kernels(mask[:1], expected.mask[:, 0])
 
 
 def remove_background(model, image, background="alpha", custom_color="#3366CC", seed=0, tta=False, res=RES):
@@ -597,13 +598,13 @@ def test_remove_background_is_the_staged_cutout_in_one_node(model, monkeypatch):
     cutout_image, mask = remove_background(model, batch, seed=7)
     assert sum(calls) == 3  # the mask only
     assert cutout_image.shape == (3, 40, 56, 4) and mask.shape == (3, 40, 56)
-    torch.testing.assert_close(mask, staged_mask, atol=1e-6, rtol=0)
-    torch.testing.assert_close(cutout_image, staged_cutout, atol=1e-6, rtol=0)
+    assert_close_across_kernels(mask, staged_mask)
+    assert_close_across_kernels(cutout_image, staged_cutout)
     on_green, _ = remove_background(model, batch[..., :3], background="green", seed=7)
     colours = cutout_image[..., :3]  # the subject's estimated colours (refine_foreground, on by default)
     expected = colours * mask[..., None] + torch.tensor([0.0, 1.0, 0.0]) * (1 - mask[..., None])
     assert on_green.shape == (3, 40, 56, 3)
-    torch.testing.assert_close(on_green, expected, atol=1e-6, rtol=0)
+    assert_close_across_kernels(on_green, expected)
     other_seed, other_mask = remove_background(model, batch, seed=8)
     assert not torch.allclose(other_mask, mask)
 
@@ -748,8 +749,8 @@ def test_batches_run_in_chunks_sized_to_free_memory(model, monkeypatch, memory_c
     mask, edge = segment(model, batch, seed=4, ensemble=2)
 
     assert calls == {"encode_condition": [2, 2, 1], "segment": [2, 2, 1], "decode": [2, 2, 1]}
-    torch.testing.assert_close(mask, whole_mask, atol=1e-5, rtol=0)
-    torch.testing.assert_close(edge, whole_edge, atol=1e-5, rtol=0)
+    assert_close_across_kernels(mask, whole_mask)
+    assert_close_across_kernels(edge, whole_edge)
     encode_bar, segment_bar, decode_bar = Recorder.bars
     assert (encode_bar.total, encode_bar.updates) == (5, [2, 2, 1])
     assert (segment_bar.total, segment_bar.updates) == (10, [2, 2, 2, 2, 1, 1])  # per UNet call: 2 draws
@@ -1172,7 +1173,7 @@ def test_refinements_run_in_chunks_with_progress_and_cancel(monkeypatch, memory_
     chunked = refinement.refine_cutouts(image, mask, 64, True, True, torch.device("cpu"), progress=progress)
     assert sizes == [2, 2, 1] and progress.current == 5
     for a, b in zip(whole, chunked, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert_close_across_kernels(a, b)
     interrupt_after(monkeypatch, checks_allowed=1)
     sizes.clear()
     with pytest.raises(Interrupted):
@@ -1191,17 +1192,16 @@ def test_remove_background_refines_edges_from_the_processing_size_mask(model):
     one_node, alpha = remove_background(model, batch, seed=4)
     expected = model.pipeline(to_core(batch), processing_res=RES, decode_edge=False, refine_edges=True,
                               generator=[torch.Generator().manual_seed(4) for _ in range(2)]).mask
-    torch.testing.assert_close(alpha, expected[:, 0], atol=1e-5, rtol=0)
+    assert_close_across_kernels(alpha, expected[:, 0])
     staged_mask, _ = segment(model, batch, seed=4, decode="mask only")
     assert (alpha - staged_mask).abs().max() > 0.01  # refined, not bilinear
     torch.testing.assert_close(one_node[..., 3], alpha, atol=0, rtol=0)
-    torch.testing.assert_close(one_node[..., :3], to_image(estimate_foreground(to_core(batch), alpha[:, None])),
-                               atol=1e-6, rtol=0)
+    assert_close_across_kernels(one_node[..., :3], to_image(estimate_foreground(to_core(batch), alpha[:, None])))
     plain, plain_mask = run("DiffDISRemoveBackground", model=model, image=batch, processing_res=RES, seed=4,
                             tta=False, background="alpha", custom_color="#000000", refine_foreground=False,
                             refine_edges=False)
-    torch.testing.assert_close(plain_mask, staged_mask, atol=1e-6, rtol=0)
-    torch.testing.assert_close(plain, torch.cat([batch, staged_mask[..., None]], -1), atol=1e-6, rtol=0)
+    assert_close_across_kernels(plain_mask, staged_mask)
+    assert_close_across_kernels(plain, torch.cat([batch, staged_mask[..., None]], -1))
 
 
 def test_background_removal_model_refines_edges_of_larger_images(model, monkeypatch):
