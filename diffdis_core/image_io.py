@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import DiffDISError
+from .files import atomic_write
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm"}
 # The default pixel budget: 108-megapixel phone photos (12000 x 9000) pass; see the README for memory use.
@@ -234,20 +235,14 @@ def multiply_alpha(mask: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- writing
 def save_image(image: Image.Image, path: str | os.PathLike, info: dict[str, Any] | None = None) -> None:
-    """Write a PNG atomically (an interrupted run never leaves a truncated file behind); ``info`` is
+    """Write a PNG atomically (``files.atomic_write``: never a truncated or interleaved file); ``info`` is
     stored in the file as a JSON text chunk (``RESULT_KEY``)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     pnginfo = None
     if info is not None:
         pnginfo = PngImagePlugin.PngInfo()
         pnginfo.add_text(RESULT_KEY, json.dumps(info, sort_keys=True))
-    try:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as stream:
+        image.save(stream, format="PNG", pnginfo=pnginfo)
 
 
 def result_info(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import DiffDISError
+from .files import write_bytes_atomic
 from .spec import EMPTY_EMBED_KEY
 
 TOKEN_EMBEDDING_KEY = "embeddings.token_embedding.weight"  # "text_model."-prefixed in most files
@@ -41,11 +42,9 @@ def check_embedding_width(embed: torch.Tensor, width: object, source: str | os.P
 
 
 def save_empty_embedding(embed: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated cache file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({EMPTY_EMBED_KEY: embed.detach().float().cpu().contiguous()}, os.fspath(tmp))
-    os.replace(tmp, path)
+    """Write atomically (``files.write_bytes_atomic``), readable as the umask says (safetensors' own
+    ``save_file`` would leave it 0600)."""
+    write_bytes_atomic(path, save({EMPTY_EMBED_KEY: embed.detach().float().cpu().contiguous()}))
 
 
 @torch.no_grad()
