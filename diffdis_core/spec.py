@@ -25,6 +25,7 @@ TTA_VIEWS: tuple[tuple[bool, float], ...] = tuple((flip, scale) for flip in (Fal
 # Scale-wise injection adds the RGB latents at 1/2, 1/4, 1/8 of the latent side to the UNet's features,
 # which line up only when the image side is a multiple of 64. The TTA views at 0.75 and 1.25 of the side
 # need that too, which holds exactly when the side is a multiple of 256.
+DEFAULT_PROCESSING_RES = 1024  # as trained: every front end's default
 PROCESSING_MULTIPLE = 64
 TTA_PROCESSING_MULTIPLE = 256
 MAX_PROCESSING_RES = 4096
