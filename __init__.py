@@ -4,13 +4,17 @@ ComfyUI imports this file as a package named after the folder's path, so everyth
 imported relatively. The bundled ``diffdis_core`` package is made importable by that name without
 putting this folder on ``sys.path``, where the pack's ``nodes`` package would shadow ComfyUI's own
 top-level ``nodes`` module. Import is cheap: no model, no network, and the core (with diffusers) is
-only imported when a node first runs.
+only imported when a node first runs. The nodes are written on ComfyUI's V3 schema
+(``comfy_api.latest``); a ComfyUI without it is refused with one line in its log.
 """
 
 import importlib.abc
 import importlib.machinery
+import logging
 import os
 import sys
+
+MINIMUM_COMFYUI = "0.8.0"  # the oldest ComfyUI the pack is tested with; comfy_api.latest came in 0.3.48
 
 
 class _BundledCoreFinder(importlib.abc.MetaPathFinder):
@@ -34,11 +38,29 @@ def _install_core_finder() -> None:
     sys.meta_path.insert(0, _BundledCoreFinder(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _has_v3_api() -> bool:
+    try:
+        import comfy_api.latest  # noqa: F401 (ComfyUI imported it already)
+    except ModuleNotFoundError as missing:
+        if missing.name not in ("comfy_api", "comfy_api.latest"):
+            raise
+        return False
+    return True
+
+
 _install_core_finder()
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folder  # noqa: E402
+if _has_v3_api():
+    from .nodes import extension
 
-# Register ComfyUI/models/diffdis now, after ComfyUI has read extra_model_paths.yaml.
-register_model_folder()
+    async def comfy_entrypoint():
+        """What ComfyUI calls once it has imported the pack: the extension listing the DiffDIS nodes."""
+        return extension()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]
+else:
+    NODE_CLASS_MAPPINGS = {}  # ComfyUI loads the pack with no nodes, and says nothing: the line below says why
+    __all__ = ["NODE_CLASS_MAPPINGS"]
+    if "folder_paths" in sys.modules:  # a ComfyUI imports the pack (not, say, pytest collecting this folder)
+        logging.error(f"DiffDIS needs ComfyUI {MINIMUM_COMFYUI} or newer (its V3 node API, comfy_api.latest): "
+                      "update ComfyUI; the DiffDIS nodes are not loaded.")

@@ -1,8 +1,11 @@
-"""The DiffDIS ComfyUI nodes (classic node API). The pack's root ``__init__.py`` exports the mappings.
+"""The DiffDIS ComfyUI nodes, on ComfyUI's V3 schema (``comfy_api.latest``). The pack's root
+``__init__.py`` hands them to ComfyUI through ``comfy_entrypoint``.
 
 Imported only relatively, as ``<pack>.nodes``: a top-level ``nodes`` is ComfyUI's own module.
 Nothing heavy happens at import: the core (and diffusers) is imported when a node first runs.
 """
+
+from comfy_api.latest import ComfyExtension, IO
 
 from .apply_alpha import DiffDISApplyAlpha
 from .cutout import DiffDISRemoveBackground
@@ -10,26 +13,23 @@ from .loader import DiffDISLoader
 from .segmentation import DiffDISDecode, DiffDISEncodeCondition, DiffDISOneStepSegment, mark_edge_use
 from .services import register_model_folder, register_prompt_handler
 
-# Node ids are stored in saved workflows: never rename them.
-NODE_CLASS_MAPPINGS = {
-    "DiffDISLoader": DiffDISLoader,
-    "DiffDISEncodeCondition": DiffDISEncodeCondition,
-    "DiffDISOneStepSegment": DiffDISOneStepSegment,
-    "DiffDISDecode": DiffDISDecode,
-    "DiffDISApplyAlpha": DiffDISApplyAlpha,
-    "DiffDISRemoveBackground": DiffDISRemoveBackground,
-}
+# Their schemas' node ids are stored in saved workflows: never rename them.
+NODES: list[type[IO.ComfyNode]] = [DiffDISLoader, DiffDISEncodeCondition, DiffDISOneStepSegment, DiffDISDecode,
+                                   DiffDISApplyAlpha, DiffDISRemoveBackground]
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffDISLoader": "Load DiffDIS",
-    "DiffDISEncodeCondition": "DiffDIS Encode Condition",
-    "DiffDISOneStepSegment": "DiffDIS One-Step Segment",
-    "DiffDISDecode": "DiffDIS Decode Mask/Edge",
-    "DiffDISApplyAlpha": "DiffDIS Apply Alpha",
-    "DiffDISRemoveBackground": "DiffDIS Remove Background",
-}
 
-# Decode's auto mode needs ComfyUI's cache to tell whether its edge output is used (segmentation.mark_edge_use).
-register_prompt_handler(mark_edge_use)
+class DiffDISExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[IO.ComfyNode]]:
+        return list(NODES)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]
+
+def extension() -> DiffDISExtension:
+    """The pack for ComfyUI: registers ComfyUI/models/diffdis (ComfyUI has read extra_model_paths.yaml by
+    now) and Decode's on-prompt handler (auto needs ComfyUI's cache to know whether its edge output is
+    used: segmentation.mark_edge_use)."""
+    register_model_folder()
+    register_prompt_handler(mark_edge_use)
+    return DiffDISExtension()
+
+
+__all__ = ["NODES", "DiffDISExtension", "extension"]

@@ -27,19 +27,6 @@ def error(message: str) -> Exception:
     return core().DiffDISError(message)
 
 
-def check_int(name: str, value, low: int, high: int, multiple: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high or value % multiple:
-        rule = f"a multiple of {multiple}" if multiple > 1 else "a whole number"
-        raise error(f"{name} must be {rule} from {low} to {high}, got {value!r}")
-    return value
-
-
-def check_float(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise error(f"{name} must be a number from {low} to {high}, got {value!r}")
-    return float(value)
-
-
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise error(f"{name} {value!r} is not one of {', '.join(map(str, choices))}")

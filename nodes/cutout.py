@@ -11,11 +11,10 @@ import torch
 
 from diffdis_core import spec
 
-from . import batching, refinement, services, tensors
-from .checks import check_int
-from .segmentation import (MAX_SEED, check_model, check_processing_res, decode_chunk,
-                           encode_chunk, frame_pixels, segment_chunk)
-from .services import CATEGORY, SEARCH_ALIASES
+from comfy_api.latest import IO
+
+from . import batching, refinement, schema, services, tensors
+from .segmentation import check_model, check_processing_res, decode_chunk, encode_chunk, frame_pixels, segment_chunk
 
 
 def cutout_steps(count: int, tta: bool = False, ensemble: int = 1) -> int:
@@ -60,57 +59,43 @@ def cutout_masks(model, image: torch.Tensor, processing_res: int, seed: int = 0,
     return tensors.concat_masks(parts)
 
 
-class DiffDISRemoveBackground:
-    SEARCH_ALIASES = [*SEARCH_ALIASES, "cut out", "transparent background", "replace background", "one node",
-                      *refinement.SEARCH_ALIASES]
-
+class DiffDISRemoveBackground(IO.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("DIFFDIS_MODEL", {"tooltip": "From Load DiffDIS."}),
-                "image": ("IMAGE", {"tooltip": "The image(s) to cut out; a batch (e.g. video frames) runs in chunks "
-                                               "that fit in memory. An alpha channel is ignored."}),
-                "processing_res": services.processing_res_input(
+    def define_schema(cls) -> IO.Schema:
+        return schema.schema(
+            "DiffDISRemoveBackground", "DiffDIS Remove Background",
+            "Cuts the foreground out of an image in one node: DiffDIS segments it (mask only, at "
+            "processing_res) and the mask becomes the image's alpha channel, or the background is replaced "
+            "by a colour, with the subject's own colours under soft edges and, on images larger than "
+            "processing_res, edges refined at full resolution from the processing-size mask. The stage "
+            "nodes (Encode / Segment / Decode -> Apply Alpha) give the same mask; use them for ensembles, "
+            "the edge map or threshold, grow and feather.",
+            ["cut out", "transparent background", "replace background", "one node", *refinement.SEARCH_ALIASES],
+            inputs=[
+                schema.model_input(),
+                IO.Image.Input("image", tooltip="The image(s) to cut out; a batch (e.g. video frames) runs in chunks "
+                                                "that fit in memory. An alpha channel is ignored."),
+                schema.processing_res_input(
                     "Side of the square the image is resized to for the model: a multiple of 64 (of 256 "
                     "with TTA). DiffDIS was trained at 1024; lower is faster and coarser."),
-                "seed": ("INT", {
-                    "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                    "tooltip": "Seed of the starting noise; the same seed gives the same mask."}),
-                "tta": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "The authors' test-time augmentation (flip x 3 scales, averaged): a little finer, about "
-                               "six times slower. Needs a processing_res that is a multiple of 256."}),
-                "background": (tensors.BACKGROUNDS, {"default": "alpha", "tooltip": tensors.BACKGROUND_TOOLTIP}),
-                "custom_color": ("STRING", {"default": "#3366CC", "tooltip": tensors.CUSTOM_COLOR_TOOLTIP}),
-            },
-            # Optional, so graphs and API prompts saved before they existed still validate.
-            "optional": {
-                "refine_foreground": ("BOOLEAN", {"default": True, "tooltip": refinement.REFINE_FOREGROUND_TOOLTIP}),
-                "refine_edges": ("BOOLEAN", {"default": True, "tooltip": refinement.REFINE_EDGES_TOOLTIP}),
-            },
-        }
+                schema.seed_input("Seed of the starting noise; the same seed gives the same mask."),
+                IO.Boolean.Input("tta", default=False, tooltip=(
+                    "The authors' test-time augmentation (flip x 3 scales, averaged): a little finer, about "
+                    "six times slower. Needs a processing_res that is a multiple of 256.")),
+                *schema.background_inputs(),
+                *schema.refinement_inputs(),
+            ],
+            outputs=schema.cutout_outputs(
+                "RGBA cutout (straight alpha) for 'alpha', otherwise the image on the chosen colour.",
+                "The foreground mask at the image size (1 = foreground), edges refined when asked: the "
+                "cutout's alpha."))
 
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("image", "mask")
-    OUTPUT_TOOLTIPS = ("RGBA cutout (straight alpha) for 'alpha', otherwise the image on the chosen colour.",
-                       "The foreground mask at the image size (1 = foreground), edges refined when asked: the "
-                       "cutout's alpha.")
-    FUNCTION = "remove_background"
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Cuts the foreground out of an image in one node: DiffDIS segments it (mask only, at "
-                   "processing_res) and the mask becomes the image's alpha channel, or the background is replaced "
-                   "by a colour, with the subject's own colours under soft edges and, on images larger than "
-                   "processing_res, edges refined at full resolution from the processing-size mask. The stage "
-                   "nodes (Encode / Segment / Decode -> Apply Alpha) give the same mask; use them for ensembles, "
-                   "the edge map or threshold, grow and feather.")
-
-    def remove_background(self, model, image, processing_res: int, seed: int, tta: bool, background: str,
-                          custom_color: str, refine_foreground: bool = True, refine_edges: bool = True):
+    @classmethod
+    def execute(cls, model, image, processing_res: int, seed: int, tta: bool, background: str,
+                custom_color: str, refine_foreground: bool = True, refine_edges: bool = True) -> IO.NodeOutput:
         model = check_model(model)
         tta = bool(tta)
         processing_res = check_processing_res(processing_res, tta=tta)
-        seed = check_int("seed", seed, 0, MAX_SEED)
         color = tensors.background_color(background, custom_color)
         rgb = tensors.image_to_rgb(image)
         count = rgb.shape[0]
@@ -120,7 +105,8 @@ class DiffDISRemoveBackground:
         colours, alpha = refinement.refine_cutouts(rgb.to(mask.device), mask, processing_res, False,
                                                    bool(refine_foreground), device=model.load_device,
                                                    progress=progress)
-        return tensors.apply_background(colours, alpha, color), alpha
+        image, rgb = schema.cutout_images(colours, alpha, color)
+        return IO.NodeOutput(image, alpha, rgb)
 
 
 class DiffDISBackgroundRemoval:

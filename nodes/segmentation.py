@@ -14,12 +14,12 @@ import torch
 
 from diffdis_core import spec
 
-from . import batching, services, tensors
-from .checks import check_choice, check_int, core, error
-from .models import DiffDISModel
-from .services import CATEGORY, SEARCH_ALIASES
+from comfy_api.latest import IO
 
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+from . import batching, schema, services, tensors
+from .checks import core, error
+from .models import DiffDISModel
+
 AUTO, MASK_ONLY, MASK_AND_EDGE = "auto", "mask only", "mask and edge"
 DECODE_CHOICES = [AUTO, MASK_ONLY, MASK_AND_EDGE]
 EDGE_SLOT = 1  # DiffDISDecode's edge output
@@ -122,31 +122,27 @@ def mark_edge_use(request: dict) -> dict:
     return request
 
 
-class DiffDISEncodeCondition:
-    SEARCH_ALIASES = [*SEARCH_ALIASES, "encode image", "condition"]
-
+class DiffDISEncodeCondition(IO.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("DIFFDIS_MODEL", {"tooltip": "From Load DiffDIS."}),
-                "image": ("IMAGE", {"tooltip": "The image(s) to segment; a batch (e.g. video frames) is processed "
-                                               "in chunks that fit in memory. An alpha channel is ignored."}),
-                "processing_res": services.processing_res_input(
+    def define_schema(cls) -> IO.Schema:
+        return schema.schema(
+            "DiffDISEncodeCondition", "DiffDIS Encode Condition",
+            "Encodes the image into what DiffDIS is conditioned on: the VAE latents of the image resized to "
+            "processing_res, at four scales. Feed it to DiffDIS One-Step Segment.",
+            ["encode image", "condition"],
+            inputs=[
+                schema.model_input(),
+                IO.Image.Input("image", tooltip="The image(s) to segment; a batch (e.g. video frames) is processed "
+                                                "in chunks that fit in memory. An alpha channel is ignored."),
+                schema.processing_res_input(
                     "Side of the square the image is resized to for the model: a multiple of 64 (of 256 "
                     "with TTA). DiffDIS was trained at 1024; the mask is resized back to the image size."),
-            }
-        }
+            ],
+            outputs=[schema.Cond.Output("cond", tooltip="The image's VAE latents at full, 1/2, 1/4 and 1/8 size, "
+                                                        "and each image's original size.")])
 
-    RETURN_TYPES = ("DIFFDIS_COND",)
-    RETURN_NAMES = ("cond",)
-    OUTPUT_TOOLTIPS = ("The image's VAE latents at full, 1/2, 1/4 and 1/8 size, and each image's original size.",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Encodes the image into what DiffDIS is conditioned on: the VAE latents of the image resized to "
-                   "processing_res, at four scales. Feed it to DiffDIS One-Step Segment.")
-
-    def encode(self, model, image, processing_res: int):
+    @classmethod
+    def execute(cls, model, image, processing_res: int) -> IO.NodeOutput:
         model = check_model(model)
         processing_res = check_processing_res(processing_res)
         tensors.image_to_rgb(image)  # checks the IMAGE before any work
@@ -166,48 +162,39 @@ class DiffDISEncodeCondition:
             parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), encode_part)
         latents = [torch.cat(scale) for scale in zip(*(p[0] for p in parts), strict=True)]
         sizes = [size for p in parts for size in p[1]]
-        return (FrameConditions(latents, sizes, processing_res, frames),)
+        return IO.NodeOutput(FrameConditions(latents, sizes, processing_res, frames))
 
 
-class DiffDISOneStepSegment:
-    SEARCH_ALIASES = [*SEARCH_ALIASES, "segment", "one step", "unet"]
+class DiffDISOneStepSegment(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> IO.Schema:
+        return schema.schema(
+            "DiffDISOneStepSegment", "DiffDIS One-Step Segment",
+            "Runs DiffDIS's single denoising step: from noise at t = 999 the UNet predicts the mask and edge "
+            "latents together, conditioned on the image. Decode them with DiffDIS Decode Mask/Edge.",
+            ["segment", "one step", "unet"],
+            inputs=[
+                schema.model_input(),
+                schema.Cond.Input("cond", tooltip="From DiffDIS Encode Condition."),
+                schema.seed_input(
+                    "Seed of the starting noise. The same seed gives the same mask; every image of a batch "
+                    "starts from the same noise, so a frame's mask does not depend on its batch."),
+                IO.Int.Input("ensemble", default=1, min=1, max=16, tooltip=(
+                    "Combine this many noise draws, as the authors do: each aligned by a scale and "
+                    "shift, then their median (each draw costs one more UNet step and decode).")),
+                IO.Boolean.Input("tta", default=False, tooltip=(
+                    "The authors' test-time augmentation: horizontal flip x scales 0.75, 1 and 1.25, "
+                    "averaged (about six times slower; the setting of the paper's evaluation). Needs a "
+                    "processing_res that is a multiple of 256.")),
+            ],
+            outputs=[schema.Latents.Output("latents", tooltip="The predicted mask and edge latents (per augmented "
+                                                              "view and noise draw).")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("DIFFDIS_MODEL", {"tooltip": "From Load DiffDIS."}),
-                "cond": ("DIFFDIS_COND", {"tooltip": "From DiffDIS Encode Condition."}),
-                "seed": ("INT", {
-                    "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                    "tooltip": "Seed of the starting noise. The same seed gives the same mask; every image of a batch "
-                               "starts from the same noise, so a frame's mask does not depend on its batch."}),
-                "ensemble": ("INT", {
-                    "default": 1, "min": 1, "max": 16,
-                    "tooltip": "Combine this many noise draws, as the authors do: each aligned by a scale and "
-                               "shift, then their median (each draw costs one more UNet step and decode)."}),
-                "tta": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "The authors' test-time augmentation: horizontal flip x scales 0.75, 1 and 1.25, "
-                               "averaged (about six times slower; the setting of the paper's evaluation). Needs a "
-                               "processing_res that is a multiple of 256."}),
-            }
-        }
-
-    RETURN_TYPES = ("DIFFDIS_LATENTS",)
-    RETURN_NAMES = ("latents",)
-    OUTPUT_TOOLTIPS = ("The predicted mask and edge latents (per augmented view and noise draw).",)
-    FUNCTION = "segment"
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Runs DiffDIS's single denoising step: from noise at t = 999 the UNet predicts the mask and edge "
-                   "latents together, conditioned on the image. Decode them with DiffDIS Decode Mask/Edge.")
-
-    def segment(self, model, cond, seed: int, ensemble: int, tta: bool):
+    def execute(cls, model, cond, seed: int, ensemble: int, tta: bool) -> IO.NodeOutput:
         model = check_model(model)
         if not isinstance(cond, FrameConditions):
             raise error(f"cond must come from a DiffDIS Encode Condition node, got {type(cond).__name__}")
-        seed = check_int("seed", seed, 0, MAX_SEED)
-        ensemble = check_int("ensemble", ensemble, 1, 16)
         tta = bool(tta)
         if tta:
             check_processing_res(cond.processing_res, tta=True)
@@ -227,53 +214,48 @@ class DiffDISOneStepSegment:
 
         with services.cancellable(pipe.unet, pipe.vae):
             parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), segment_part)
-        return (batching.concat_latents(parts),)
+        return IO.NodeOutput(batching.concat_latents(parts))
 
 
-class DiffDISDecode:
-    SEARCH_ALIASES = [*SEARCH_ALIASES, "decode mask", "edge map", "matte"]
+class DiffDISDecode(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> IO.Schema:
+        return schema.schema(
+            "DiffDISDecode", "DiffDIS Decode Mask/Edge",
+            "Decodes the mask (and, when used or asked, the edge) latents with the VAE, averages augmented "
+            "views and noise draws, and resizes the maps back to each image's original size. The mask is "
+            "foreground = 1.",
+            ["decode mask", "edge map", "matte"],
+            inputs=[
+                schema.model_input(),
+                schema.Latents.Input("latents", tooltip="From DiffDIS One-Step Segment."),
+                IO.Boolean.Input("normalize", default=True, tooltip=(
+                    "The authors' per-image min-max normalisation: stretch each map to the full 0..1 "
+                    "range. Off: the raw decoded values.")),
+                # Optional, so graphs saved before it existed still validate; they get auto, which decodes the
+                # edge exactly when they use it.
+                IO.Combo.Input("decode", options=DECODE_CHOICES, default=AUTO, optional=True, tooltip=(
+                    "auto: the edge map too only when the edge output is connected. mask only: one VAE "
+                    "decode per image; the edge output is an empty (all 0) mask. mask and edge: also "
+                    "decode the edge map (about 45% more work).")),
+            ],
+            outputs=[
+                IO.Mask.Output("mask", tooltip="Foreground mask at the original image size: 1 = foreground, "
+                                               "0 = background."),
+                IO.Mask.Output("edge", tooltip="Edge map of the foreground's outline at the original image size "
+                                               "(1 = edge); with decode 'mask only' an empty (all 0) mask."),
+            ],
+            hidden=[IO.Hidden.prompt, IO.Hidden.unique_id])  # for auto: is the edge output linked?
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("DIFFDIS_MODEL", {"tooltip": "From Load DiffDIS."}),
-                "latents": ("DIFFDIS_LATENTS", {"tooltip": "From DiffDIS One-Step Segment."}),
-                "normalize": ("BOOLEAN", {
-                    "default": True,
-                    "tooltip": "The authors' per-image min-max normalisation: stretch each map to the full 0..1 "
-                               "range. Off: the raw decoded values."}),
-            },
-            # Optional, so graphs saved before it existed still validate; they get auto, which decodes the
-            # edge exactly when they use it.
-            "optional": {
-                "decode": (DECODE_CHOICES, {
-                    "default": AUTO,
-                    "tooltip": "auto: the edge map too only when the edge output is connected. mask only: one VAE "
-                               "decode per image; the edge output is an empty (all 0) mask. mask and edge: also "
-                               "decode the edge map (about 45% more work)."}),
-            },
-            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},  # for auto: is the edge output linked?
-        }
-
-    RETURN_TYPES = ("MASK", "MASK")
-    RETURN_NAMES = ("mask", "edge")
-    OUTPUT_TOOLTIPS = ("Foreground mask at the original image size: 1 = foreground, 0 = background.",
-                       "Edge map of the foreground's outline at the original image size (1 = edge); with decode "
-                       "'mask only' an empty (all 0) mask.")
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Decodes the mask (and, when used or asked, the edge) latents with the VAE, averages augmented "
-                   "views and noise draws, and resizes the maps back to each image's original size. The mask is "
-                   "foreground = 1.")
-
-    def decode(self, model, latents, normalize: bool, decode: str = AUTO, prompt=None, unique_id=None):
+    def execute(cls, model, latents, normalize: bool, decode: str = AUTO) -> IO.NodeOutput:
         model = check_model(model)
         if not all(hasattr(latents, a) for a in ("views", "sizes", "processing_res")):
             raise error(f"latents must come from a DiffDIS One-Step Segment node, got {type(latents).__name__}")
-        decode = check_choice("decode", decode, DECODE_CHOICES)
         if decode == AUTO:  # unknown (called outside a prompt): both maps, as before the option existed
-            with_edge = edge_output_linked(prompt, unique_id) is not False
+            hidden = cls.hidden
+            with_edge = edge_output_linked(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)) \
+                is not False
         else:
             with_edge = decode == MASK_AND_EDGE
         count = len(latents.sizes)
@@ -293,4 +275,4 @@ class DiffDISDecode:
         with services.cancellable(pipe.vae):
             parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), decode_part)
         masks, edges = zip(*parts, strict=True)
-        return tensors.concat_masks(list(masks)), tensors.concat_masks(list(edges))
+        return IO.NodeOutput(tensors.concat_masks(list(masks)), tensors.concat_masks(list(edges)))

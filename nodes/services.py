@@ -25,18 +25,7 @@ import torch
 # The core's light modules (no diffusers): the same device and precision rules as the CLI.
 from diffdis_core import devices, spec
 
-CATEGORY = "image/segmentation/DiffDIS"  # one menu entry for all DiffDIS nodes
-# What people type into the node search for this family (each node adds its own words).
-SEARCH_ALIASES = ["diffdis", "remove background", "background removal", "rembg", "cutout", "matting",
-                  "segmentation", "alpha", "mask", "DIS", "dichotomous image segmentation"]
-DEFAULT_PROCESSING_RES = 1024  # as trained
-
-
-def processing_res_input(tooltip: str) -> tuple[str, dict]:
-    """The processing_res widget of every node that takes one: multiples of 64 up to the core's limit."""
-    return ("INT", {"default": DEFAULT_PROCESSING_RES, "min": spec.PROCESSING_MULTIPLE,
-                    "max": spec.MAX_PROCESSING_RES, "step": spec.PROCESSING_MULTIPLE, "tooltip": tooltip})
-
+DEFAULT_PROCESSING_RES = spec.DEFAULT_PROCESSING_RES  # the core's, for the BACKGROUND_REMOVAL model
 
 FOLDER_NAME = "diffdis"  # ComfyUI/models/diffdis
 MODELS_DIR_ENV = "DIFFDIS_MODELS_DIR"  # the models folder(s) when running without ComfyUI

@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import comfy_api_standin
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -36,3 +37,7 @@ def tiny_pipeline():
     from diffdis_core import DiffDISPipeline
 
     return DiffDISPipeline.from_pretrained(OFFICIAL_TINY, base=None)
+
+
+# The pack imports ComfyUI's V3 node API; without ComfyUI the tests give it a stand-in (see there).
+comfy_api_standin.install()

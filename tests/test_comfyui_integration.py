@@ -169,15 +169,22 @@ def test_the_pack_loads_and_lists_its_nodes(comfyui):
     info = comfyui.get("/object_info")
     workflows = _test_workflows()
     for node_id, cls in workflows.OUR_NODES.items():
-        node = info[node_id]
-        assert node["display_name"] == workflows.PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        node, schema = info[node_id], cls.define_schema()
+        assert node["display_name"] == schema.display_name
         assert node["category"] == "image/segmentation/DiffDIS" and node["description"] == cls.DESCRIPTION
+        # The offline tests' stand-in for comfy_api.latest (tests/comfy_api_standin.py) gives the same
+        # classic view of every node as the real API: inputs with all their options, outputs, tooltips.
+        standin_view = json.loads(json.dumps(cls.INPUT_TYPES()))
+        if node_id == "DiffDISLoader":  # the model folders differ: the server's models folder, not the tests'
+            standin_view["required"]["model"][1]["options"] = node["input"]["required"]["model"][1]["options"]
+        assert node["input"] == standin_view, node_id
         assert node["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
-        assert node["output"] == list(cls.RETURN_TYPES) and node["output_name"] == list(cls.RETURN_NAMES)
-        if "search_aliases" in node:  # ComfyUI >= 0.21 hands them to the node search
-            assert node["search_aliases"] == cls.SEARCH_ALIASES
+        assert node["output"] == cls.RETURN_TYPES and node["output_name"] == cls.RETURN_NAMES
+        assert node["output_tooltips"] == cls.OUTPUT_TOOLTIPS
+        if "search_aliases" in node:  # ComfyUI >= 0.21 hands them to the node search; 0.8's schema has none
+            assert node["search_aliases"] == schema.search_aliases
     assert info["DiffDISLoader"]["output"] == ["DIFFDIS_MODEL", "BACKGROUND_REMOVAL"]
-    models = info["DiffDISLoader"]["input"]["required"]["model"][0]
+    models = info["DiffDISLoader"]["input"]["required"]["model"][1]["options"]
     # The diffdis folder from extra_model_paths.yaml (registered before custom nodes load, kept first),
     # then models/diffdis under --base-directory.
     assert models == ["tiny_extra", "DiffDIS", "tiny", workflows.models.DOWNLOAD_ENTRY]
@@ -272,6 +279,64 @@ def test_a_graph_saved_before_the_new_options_still_runs(comfyui):
     with Image.open(_saved_cutout(comfyui, entry)) as cutout:
         assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
     assert _image(comfyui, entry, "11").max() > 0  # it previews the edge: decode (auto) decoded it
+
+
+@pytest.mark.parametrize("name", ["cutout", "remove_background"])
+def test_api_graphs_saved_before_the_v3_schema_still_run(comfyui, name):
+    """The API twins the pack shipped on the classic node API run unchanged (but for the tiny model and
+    test picture): RGBA cutouts at the input size."""
+    prompt = json.loads((ROOT / "tests" / "fixtures" / "saved_workflows" / "before_v3" / "api" / f"{name}.json")
+                        .read_text(encoding="utf-8"))
+    for node in prompt.values():
+        if node["class_type"] == "DiffDISLoader":
+            node["inputs"]["model"] = "tiny"
+        elif node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "diffdis_test.png"
+        if "processing_res" in node["inputs"]:
+            node["inputs"]["processing_res"] = 64
+    entry = comfyui.run_prompt(prompt)
+    with Image.open(_saved_cutout(comfyui, entry)) as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == IMAGE_SIZE
+
+
+def test_the_rgb_output_is_an_rgb_image(comfyui):
+    """Apply Alpha's and Remove Background's third output: RGB, for the nodes that drop alpha."""
+    prompt = _cutout_prompt("tiny", seed=0)
+    apply_id = next(i for i, n in prompt.items() if n["class_type"] == "DiffDISApplyAlpha")
+    prompt["40"] = {"class_type": "SaveImage", "inputs": {"images": [apply_id, 2], "filename_prefix": "DiffDIS/rgb"}}
+    del prompt[next(i for i, n in prompt.items() if n["class_type"] == "SaveImage" and i != "40")]
+    entry = comfyui.run_prompt(prompt)
+    with Image.open(_saved(comfyui, entry)) as rgb:
+        assert rgb.mode == "RGB" and rgb.size == IMAGE_SIZE
+
+
+# An out-of-range or unknown value per node: (node class, input, value, ComfyUI's error type).
+REFUSED = [("DiffDISOneStepSegment", "ensemble", 0, "value_smaller_than_min"),
+           ("DiffDISOneStepSegment", "seed", -1, "value_smaller_than_min"),
+           ("DiffDISEncodeCondition", "processing_res", 8192, "value_bigger_than_max"),
+           ("DiffDISApplyAlpha", "mask_blur", 300, "value_bigger_than_max"),
+           ("DiffDISApplyAlpha", "threshold", 1.5, "value_bigger_than_max"),
+           ("DiffDISApplyAlpha", "background", "blue", "value_not_in_list"),
+           ("DiffDISDecode", "decode", "edge", "value_not_in_list"),
+           ("DiffDISLoader", "precision", "fp8", "value_not_in_list")]
+
+
+def test_comfyui_refuses_values_outside_the_schema_naming_the_node(comfyui):
+    """Ranges and choices are declared once, in the schema: ComfyUI's validation refuses the prompt before
+    anything runs, with the node (id and type) and the input in its error."""
+    for class_type, name, value, error_type in REFUSED:
+        prompt = _cutout_prompt("tiny", seed=0)
+        node_id = next(i for i, n in prompt.items() if n["class_type"] == class_type)
+        prompt[node_id]["inputs"][name] = value
+        request = urllib.request.Request(comfyui.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        errors = json.loads(refused.value.read())["node_errors"]
+        assert errors[node_id]["class_type"] == class_type, errors
+        (error,) = errors[node_id]["errors"]
+        assert error["type"] == error_type and error["extra_info"]["input_name"] == name, error
 
 
 def _image(server: Server, entry: dict, node_id: str) -> np.ndarray:

@@ -5,6 +5,7 @@ The pack is imported the way ComfyUI imports it: its root ``__init__.py`` by fil
 package name made from the folder's path, so everything inside must resolve relatively.
 """
 
+import asyncio
 import importlib.util
 import os
 import shutil
@@ -40,8 +41,14 @@ def import_pack(name: str) -> types.ModuleType:
     return module
 
 
+def node_classes(pack: types.ModuleType) -> dict:
+    """node id -> class, as ComfyUI registers a V3 pack: the node list of comfy_entrypoint's extension."""
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {cls.define_schema().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+
+
 PACK = import_pack("/opt/ComfyUI/custom_nodes/comfyui-diffdis copy")
-NODES = PACK.NODE_CLASS_MAPPINGS
+NODES = node_classes(PACK)
 services = sys.modules[PACK.__name__ + ".nodes.services"]
 models = sys.modules[PACK.__name__ + ".nodes.models"]
 batching = sys.modules[PACK.__name__ + ".nodes.batching"]
@@ -56,9 +63,13 @@ def copy_tiny(official_tiny: Path, target: Path) -> Path:
     return target
 
 
-def run(node_id: str, **kwargs):
+def run(node_id: str, prompt=None, unique_id=None, **kwargs) -> tuple:
+    """A node's outputs for ``kwargs``, run as ComfyUI runs a V3 node: ``execute`` on a copy of its class
+    that holds the values of the hidden inputs (the prompt, the node's id) when there are any."""
     cls = NODES[node_id]
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
+    if prompt is not None or unique_id is not None:
+        cls = type(cls.__name__, (cls,), {"hidden": types.SimpleNamespace(prompt=prompt, unique_id=unique_id)})
+    return cls.execute(**kwargs).args
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,33 +143,62 @@ def error_message(excinfo) -> str:
 # ---------------------------------------------------------------------------- registration
 def test_node_ids_display_names_and_ui_metadata():
     assert list(NODES) == NODE_IDS
-    assert PACK.NODE_DISPLAY_NAME_MAPPINGS == {
+    assert {node_id: cls.define_schema().display_name for node_id, cls in NODES.items()} == {
         "DiffDISLoader": "Load DiffDIS", "DiffDISEncodeCondition": "DiffDIS Encode Condition",
         "DiffDISOneStepSegment": "DiffDIS One-Step Segment", "DiffDISDecode": "DiffDIS Decode Mask/Edge",
         "DiffDISApplyAlpha": "DiffDIS Apply Alpha", "DiffDISRemoveBackground": "DiffDIS Remove Background"}
     for node_id, cls in NODES.items():
         assert cls.CATEGORY == "image/segmentation/DiffDIS"
         assert len(cls.DESCRIPTION) > 40
-        assert callable(getattr(cls(), cls.FUNCTION))
+        assert callable(cls.execute)
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+        assert all(cls.OUTPUT_TOOLTIPS), f"{node_id} has an output without a tooltip"
         inputs = cls.INPUT_TYPES()
         for name, (_, options) in {**inputs["required"], **inputs.get("optional", {})}.items():
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
-        aliases = [alias.lower() for alias in cls.SEARCH_ALIASES]
+        aliases = [alias.lower() for alias in cls.define_schema().search_aliases]
         assert {term.lower() for term in SEARCH_TERMS} <= set(aliases), node_id
         assert len(set(aliases)) == len(aliases) and all(isinstance(a, str) and a for a in aliases)
     segment_inputs = NODES["DiffDISOneStepSegment"].INPUT_TYPES()["required"]
     assert segment_inputs["seed"][1]["control_after_generate"] is True
-    assert NODES["DiffDISDecode"].RETURN_TYPES == ("MASK", "MASK")
+    assert NODES["DiffDISDecode"].RETURN_TYPES == ["MASK", "MASK"]
     # Slot 0 is what saved workflows link to; slot 1 is ComfyUI's own type for its Remove Background node.
-    assert NODES["DiffDISLoader"].RETURN_TYPES == ("DIFFDIS_MODEL", "BACKGROUND_REMOVAL")
-    assert NODES["DiffDISRemoveBackground"].RETURN_TYPES == ("IMAGE", "MASK")
-    assert NODES["DiffDISApplyAlpha"].RETURN_TYPES == ("IMAGE", "MASK")
+    assert NODES["DiffDISLoader"].RETURN_TYPES == ["DIFFDIS_MODEL", "BACKGROUND_REMOVAL"]
+    # Slots 0 and 1 are what saved workflows link to; slot 2 is the always-RGB image (test_cutout_rgb_output).
+    assert NODES["DiffDISRemoveBackground"].RETURN_TYPES == ["IMAGE", "MASK", "IMAGE"]
+    assert NODES["DiffDISApplyAlpha"].RETURN_TYPES == ["IMAGE", "MASK", "IMAGE"]
     assert "JoinImageWithAlpha".lower() in NODES["DiffDISApplyAlpha"].INPUT_TYPES()["required"]["mask"][1][
         "tooltip"].replace(" ", "").lower()
     for node_id in ("DiffDISEncodeCondition", "DiffDISRemoveBackground"):
         processing_res = NODES[node_id].INPUT_TYPES()["required"]["processing_res"][1]
         assert (processing_res["default"], processing_res["step"]) == (1024, 64)
+
+
+# (node, input): (min, max), and the choices of each combo: declared once, in the schema. ComfyUI refuses a
+# value outside them before the node runs, naming the node (tests/test_comfyui_integration.py).
+RANGES = {("DiffDISEncodeCondition", "processing_res"): (64, 4096), ("DiffDISOneStepSegment", "seed"): (0, 2**64 - 1),
+          ("DiffDISOneStepSegment", "ensemble"): (1, 16), ("DiffDISApplyAlpha", "mask_blur"): (0, 256),
+          ("DiffDISApplyAlpha", "mask_expand"): (-256, 256), ("DiffDISApplyAlpha", "threshold"): (0.0, 1.0),
+          ("DiffDISApplyAlpha", "processing_res"): (64, 4096), ("DiffDISRemoveBackground", "processing_res"): (64, 4096),
+          ("DiffDISRemoveBackground", "seed"): (0, 2**64 - 1)}
+CHOICES = {("DiffDISLoader", "precision"): ["auto", "fp32", "fp16", "bf16"], ("DiffDISLoader", "device"): ["auto", "cpu"],
+           ("DiffDISDecode", "decode"): ["auto", "mask only", "mask and edge"],
+           ("DiffDISApplyAlpha", "background"): ["alpha", "white", "black", "gray", "green", "custom"],
+           ("DiffDISRemoveBackground", "background"): ["alpha", "white", "black", "gray", "green", "custom"]}
+
+
+def test_the_schema_declares_every_range_and_choice():
+    declared_ranges, declared_choices = {}, {}
+    for node_id, cls in NODES.items():
+        for declared in cls.define_schema().inputs:
+            if declared.io_type in ("INT", "FLOAT"):
+                declared_ranges[node_id, declared.id] = (declared.min, declared.max)
+                assert declared.min <= declared.default <= declared.max, (node_id, declared.id)
+            elif declared.io_type == "COMBO" and (node_id, declared.id) != ("DiffDISLoader", "model"):  # the folders
+                declared_choices[node_id, declared.id] = declared.options
+                assert declared.default in declared.options, (node_id, declared.id)
+    assert declared_ranges == RANGES
+    assert declared_choices == CHOICES
 
 
 def test_download_entry_and_sizes_come_from_the_core_spec():
@@ -169,11 +209,15 @@ def test_download_entry_and_sizes_come_from_the_core_spec():
     assert models.DOWNLOAD_SIZE in tooltip
 
 
-def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
-    """Under any folder name, with ComfyUI's own ``nodes`` module loaded and the pack not on sys.path:
-    no diffusers import, no model, ComfyUI's ``nodes`` untouched, the bundled core found."""
-    script = textwrap.dedent(f"""
-        import importlib.util, sys, types
+def pack_import_script(body: str, with_comfy_api: bool = True) -> str:
+    """A script that imports the pack as ComfyUI does (any folder name, ComfyUI's own ``nodes`` module and
+    server loaded, the pack not on sys.path), then runs ``body`` with the module as ``pack``."""
+    install = f"sys.path.insert(0, {str(ROOT / 'tests')!r}); import comfy_api_standin; comfy_api_standin.install()"
+    # A ComfyUI without comfy_api.latest: its folder_paths module (what the pack asks to know it is in one).
+    old_comfyui = 'sys.modules["folder_paths"] = types.ModuleType("folder_paths")'
+    return textwrap.dedent(f"""
+        import asyncio, importlib.util, logging, sys, types
+        {install if with_comfy_api else old_comfyui}
         comfy_nodes = types.ModuleType("nodes")
         sys.modules["nodes"] = comfy_nodes
         handlers = []
@@ -186,8 +230,24 @@ def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
         pack = importlib.util.module_from_spec(spec)
         sys.modules[name] = pack
         spec.loader.exec_module(pack)
+    """) + textwrap.dedent(body)
+
+
+def run_script(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
+    """Under any folder name, with ComfyUI's own ``nodes`` module loaded and the pack not on sys.path:
+    no diffusers import, no model, ComfyUI's ``nodes`` untouched, the bundled core found; ComfyUI's call
+    of comfy_entrypoint gives the six nodes and registers Decode's on-prompt handler."""
+    result = run_script(pack_import_script(f"""
         assert sys.modules["nodes"] is comfy_nodes
-        assert sorted(pack.NODE_CLASS_MAPPINGS) == {sorted(NODE_IDS)!r}
+        extension = asyncio.run(pack.comfy_entrypoint())
+        node_ids = [cls.define_schema().node_id for cls in asyncio.run(extension.get_node_list())]
+        assert node_ids == {NODE_IDS!r}, node_ids
         heavy = [m for m in ("diffusers", "transformers", "huggingface_hub", "safetensors", "diffdis_core.pipeline",
                              "diffdis_core.hub", "diffdis_core.unet") if m in sys.modules]
         assert not heavy, heavy
@@ -196,11 +256,21 @@ def test_import_is_light_and_never_shadows_comfyuis_nodes_module(tmp_path):
         assert sys.modules["diffdis_core.spec"].__file__.startswith({str(ROOT)!r})
         assert [h.__name__ for h in handlers] == ["mark_edge_use"]
         print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    """), tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_a_comfyui_without_the_v3_api_is_refused_with_one_line(tmp_path):
+    """A ComfyUI older than comfy_api.latest: the pack loads no node and says so in one log line naming the
+    version it needs (ComfyUI loads a pack with an empty NODE_CLASS_MAPPINGS without a word of its own)."""
+    result = run_script(pack_import_script("""
+        assert pack.NODE_CLASS_MAPPINGS == {} and not hasattr(pack, "comfy_entrypoint")
+        print("ok")
+    """, with_comfy_api=False), tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "DiffDIS needs ComfyUI 0.8.0 or newer" in lines[0], lines
+    assert PACK.MINIMUM_COMFYUI == "0.8.0"
 
 
 # ---------------------------------------------------------------------------- model folder
@@ -212,7 +282,7 @@ def test_model_list_shows_folders_of_every_root_then_the_download_entry(tmp_path
     (second / "tiny").mkdir(parents=True)
     (second / "Other").mkdir()
     monkeypatch.setenv(services.MODELS_DIR_ENV, os.pathsep.join([str(first), str(second)]))
-    choices = NODES["DiffDISLoader"].INPUT_TYPES()["required"]["model"][0]
+    choices = NODES["DiffDISLoader"].INPUT_TYPES()["required"]["model"][1]["options"]
     assert choices == ["tiny", "Other", models.DOWNLOAD_ENTRY]
 
 
@@ -472,7 +542,8 @@ def test_decode_mask_only_skips_the_edge_decode(model, monkeypatch):
     assert sum(calls) == 4
     torch.testing.assert_close(old_edge, edge, atol=0, rtol=0)
     decode_option = NODES["DiffDISDecode"].INPUT_TYPES()["optional"]["decode"]
-    assert decode_option[0] == ["auto", "mask only", "mask and edge"] and decode_option[1]["default"] == "auto"
+    assert decode_option[0] == "COMBO" and decode_option[1]["options"] == ["auto", "mask only", "mask and edge"]
+    assert decode_option[1]["default"] == "auto"
 
 
 def decode_prompt(edge_consumers: int, decode=None) -> dict:
@@ -494,8 +565,8 @@ def decode_prompt(edge_consumers: int, decode=None) -> dict:
 def test_decode_auto_decodes_the_edge_only_when_its_output_is_linked(model, monkeypatch):
     """decode = auto (the default) asks the running prompt (ComfyUI's hidden PROMPT and UNIQUE_ID inputs)
     whether anything takes the edge output: one VAE decode per image when nothing does, two when it is."""
-    hidden = NODES["DiffDISDecode"].INPUT_TYPES()["hidden"]
-    assert hidden == {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}
+    hidden = NODES["DiffDISDecode"].define_schema().hidden
+    assert [h.value for h in hidden] == ["PROMPT", "UNIQUE_ID"]
     batch = images(batch=2)
     (cond,) = run("DiffDISEncodeCondition", model=model, image=batch, processing_res=RES)
     (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=1, ensemble=1, tta=False)
@@ -585,14 +656,15 @@ def test_frame_conditions_keep_no_processing_size_images(model):
 
 
 def remove_background(model, image, background="alpha", custom_color="#3366CC", seed=0, tta=False, res=RES):
+    """Remove Background's image and mask (its rgb output: test_cutout_rgb_output)."""
     return run("DiffDISRemoveBackground", model=model, image=image, processing_res=res, seed=seed, tta=tta,
-               background=background, custom_color=custom_color)
+               background=background, custom_color=custom_color)[:2]
 
 
 def test_remove_background_is_the_staged_cutout_in_one_node(model, monkeypatch):
     batch = images(batch=3, channels=4)
     staged_mask, _ = segment(model, batch, seed=7, decode="mask only")
-    staged_cutout, _ = run("DiffDISApplyAlpha", image=batch, mask=staged_mask, background="alpha",
+    staged_cutout, _, _ = run("DiffDISApplyAlpha", image=batch, mask=staged_mask, background="alpha",
                            custom_color="#3366CC", mask_blur=0, mask_expand=0, threshold=0.0, invert=False)
     calls = count_decoded_maps(model, monkeypatch)
     cutout_image, mask = remove_background(model, batch, seed=7)
@@ -929,27 +1001,21 @@ def test_bad_segment_and_decode_inputs(model):
     from diffdis_core import DiffDISError
 
     (cond,) = run("DiffDISEncodeCondition", model=model, image=images(batch=1), processing_res=RES)
-    with pytest.raises(DiffDISError, match="ensemble must be a whole number from 1 to 16, got 0"):
-        run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=0, tta=False)
-    with pytest.raises(DiffDISError, match="seed must be a whole number"):
-        run("DiffDISOneStepSegment", model=model, cond=cond, seed=-1, ensemble=1, tta=False)
     with pytest.raises(DiffDISError, match="cond must come from a DiffDIS Encode Condition node, got Tensor"):
         run("DiffDISOneStepSegment", model=model, cond=torch.zeros(1), seed=0, ensemble=1, tta=False)
     with pytest.raises(DiffDISError, match="model must come from a Load DiffDIS node, got dict"):
         run("DiffDISOneStepSegment", model={}, cond=cond, seed=0, ensemble=1, tta=False)
     with pytest.raises(DiffDISError, match="latents must come from a DiffDIS One-Step Segment node, got"):
         run("DiffDISDecode", model=model, latents=cond, normalize=True)
-    (latents,) = run("DiffDISOneStepSegment", model=model, cond=cond, seed=0, ensemble=1, tta=False)
-    with pytest.raises(DiffDISError, match="decode 'edge' is not one of auto, mask only, mask and edge"):
-        run("DiffDISDecode", model=model, latents=latents, normalize=True, decode="edge")
 
 
 # ---------------------------------------------------------------------------- Apply Alpha
 def apply(image, mask, background="alpha", custom_color="#3366CC", mask_blur=0, mask_expand=0, threshold=0.0,
           invert=False, **refinements):
-    """Apply Alpha as an API prompt saved before the refinements gives it, or with ``refinements``."""
+    """Apply Alpha's image and mask as an API prompt saved before the refinements gives it, or with
+    ``refinements`` (its rgb output: test_cutout_rgb_output)."""
     return run("DiffDISApplyAlpha", image=image, mask=mask, background=background, custom_color=custom_color,
-               mask_blur=mask_blur, mask_expand=mask_expand, threshold=threshold, invert=invert, **refinements)
+               mask_blur=mask_blur, mask_expand=mask_expand, threshold=threshold, invert=invert, **refinements)[:2]
 
 
 def square_mask(batch=2, size=32, low=8, high=24, value=1.0) -> torch.Tensor:
@@ -1049,9 +1115,6 @@ def test_threshold_invert_expand_and_blur():
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("mask_blur", -1, "mask_blur must be a whole number from 0 to 256"),
-    ("mask_expand", 300, "mask_expand must be a whole number from -256 to 256"),
-    ("threshold", 1.5, "threshold must be a number from 0.0 to 1.0"),
     ("background", "blue", "background 'blue' is not one of alpha, white, black, gray, green, custom"),
 ])
 def test_bad_apply_alpha_options(option, value, message):
@@ -1068,10 +1131,35 @@ def test_refinement_inputs_are_optional_with_tooltips_and_search_words():
         for name in ("refine_foreground", "refine_edges"):
             kind, options = optional[name]
             assert kind == "BOOLEAN" and options["default"] is True and len(options["tooltip"]) > 80
-        aliases = [alias.lower() for alias in NODES[node_id].SEARCH_ALIASES]
+        aliases = [alias.lower() for alias in NODES[node_id].define_schema().search_aliases]
         assert {"decontaminate", "color spill", "halo", "refine edges"} <= set(aliases), node_id
     kind, options = NODES["DiffDISApplyAlpha"].INPUT_TYPES()["optional"]["processing_res"]
     assert kind == "INT" and (options["default"], options["step"]) == (1024, 64) and "Encode" in options["tooltip"]
+
+
+@pytest.mark.parametrize("background", ["alpha", "gray", "custom"])
+def test_cutout_rgb_output(model, background):
+    """Both cutout nodes offer an always-RGB image after image and mask (slot 2, so saved links keep their
+    slots): the image itself for a colour, the cutout on white for alpha, whose image is RGBA. Its tooltip
+    and the image's say which goes where."""
+    batch = images(batch=2)
+    mask = torch.rand(2, 40, 56, generator=torch.Generator().manual_seed(3))
+    outputs = {"DiffDISApplyAlpha": run("DiffDISApplyAlpha", image=batch, mask=mask, background=background,
+                                        custom_color="#102030", mask_blur=0, mask_expand=0, threshold=0.0,
+                                        invert=False),
+               "DiffDISRemoveBackground": run("DiffDISRemoveBackground", model=model, image=batch, processing_res=RES,
+                                              seed=0, tta=False, background=background, custom_color="#102030")}
+    for node_id, (image, alpha, rgb) in outputs.items():
+        assert rgb.shape == (2, 40, 56, 3), node_id
+        if background == "alpha":
+            assert image.shape[-1] == 4
+            torch.testing.assert_close(rgb, image[..., :3] * alpha[..., None] + (1 - alpha[..., None]))
+        else:
+            assert rgb is image
+        names, tooltips = NODES[node_id].RETURN_NAMES, NODES[node_id].OUTPUT_TOOLTIPS
+        assert names == ["image", "mask", "rgb"]
+        assert "Save Image" in tooltips[0] and "VAE Encode" in tooltips[0] and "rgb" in tooltips[0]
+        assert "RGB" in tooltips[2] and "white" in tooltips[2]
 
 
 def to_image(x: torch.Tensor) -> torch.Tensor:
@@ -1197,7 +1285,7 @@ def test_remove_background_refines_edges_from_the_processing_size_mask(model):
     assert (alpha - staged_mask).abs().max() > 0.01  # refined, not bilinear
     torch.testing.assert_close(one_node[..., 3], alpha, atol=0, rtol=0)
     assert_close_across_kernels(one_node[..., :3], to_image(estimate_foreground(to_core(batch), alpha[:, None])))
-    plain, plain_mask = run("DiffDISRemoveBackground", model=model, image=batch, processing_res=RES, seed=4,
+    plain, plain_mask, _ = run("DiffDISRemoveBackground", model=model, image=batch, processing_res=RES, seed=4,
                             tta=False, background="alpha", custom_color="#000000", refine_foreground=False,
                             refine_edges=False)
     assert_close_across_kernels(plain_mask, staged_mask)
