@@ -192,6 +192,13 @@ def test_the_pack_loads_and_lists_its_nodes(comfyui):
         assert core in info  # ComfyUI's own nodes module was not shadowed
 
 
+def test_comfyui_serves_the_locales(comfyui):
+    """locales/<lang>/nodeDefs.json, merged into what the frontend reads at /i18n."""
+    translations = comfyui.get("/i18n")
+    assert translations["zh"]["nodeDefs"]["DiffDISLoader"]["display_name"] == "加载 DiffDIS"
+    assert translations["en"]["nodeDefs"]["DiffDISApplyAlpha"]["outputs"]["2"]["name"] == "rgb"
+
+
 def test_example_workflows_match_comfyuis_node_definitions(comfyui):
     """Widget values of both UI workflows, read with the real node definitions, give the API twins."""
     info = comfyui.get("/object_info")

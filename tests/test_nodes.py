@@ -7,6 +7,7 @@ package name made from the folder's path, so everything inside must resolve rela
 
 import asyncio
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -199,6 +200,39 @@ def test_the_schema_declares_every_range_and_choice():
                 assert declared.default in declared.options, (node_id, declared.id)
     assert declared_ranges == RANGES
     assert declared_choices == CHOICES
+
+
+LOCALES = ROOT / "locales"
+
+
+def locale_entries(node_id: str) -> dict:
+    """What a nodeDefs.json holds for a node (ComfyUI serves locales/<lang>/nodeDefs.json at /i18n): names
+    and tooltips of its inputs, and of its outputs by slot."""
+    schema = NODES[node_id].define_schema()
+    return {"display_name": schema.display_name, "description": schema.description,
+            "inputs": {i.id: {"name": i.id, "tooltip": i.tooltip} for i in schema.inputs},
+            "outputs": {str(slot): {"name": o.display_name, "tooltip": o.tooltip}
+                        for slot, o in enumerate(schema.outputs)}}
+
+
+def test_locales_cover_every_node_input_and_output_and_nothing_else():
+    """English is the schema's own text (stale when a tooltip changes); Chinese has the same keys, each
+    translated (a name or tooltip left in English is missed, not translated)."""
+    english = json.loads((LOCALES / "en" / "nodeDefs.json").read_text(encoding="utf-8"))
+    assert english == {node_id: locale_entries(node_id) for node_id in NODES}, \
+        "locales/en/nodeDefs.json differs from the schema: update it (and locales/zh) from the schema"
+    chinese = json.loads((LOCALES / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
+    assert list(chinese) == list(english)
+    for node_id, entry in english.items():
+        translated = chinese[node_id]
+        assert set(translated) == set(entry) and translated["display_name"] and translated["description"]
+        for part in ("inputs", "outputs"):
+            assert list(translated[part]) == list(entry[part]), (node_id, part)
+            for key, text in translated[part].items():
+                assert set(text) == {"name", "tooltip"} and text["tooltip"], (node_id, part, key)
+                assert any("\u4e00" <= c <= "\u9fff" for c in text["tooltip"]), (node_id, part, key)
+        assert any("\u4e00" <= c <= "\u9fff" for c in translated["description"]), node_id
+    assert sorted(p.name for p in LOCALES.iterdir()) == ["en", "zh"]
 
 
 def test_download_entry_and_sizes_come_from_the_core_spec():
