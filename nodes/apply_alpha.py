@@ -12,7 +12,7 @@ from . import refinement, schema, services, tensors
 class DiffDISApplyAlpha(IO.ComfyNode):
     @classmethod
     def define_schema(cls) -> IO.Schema:
-        return schema.schema(
+        return schema.node_schema(
             "DiffDISApplyAlpha", "DiffDIS Apply Alpha",
             "Cuts the foreground out: the mask (edges refined to the full image size, then optional threshold, "
             "invert, grow/shrink and feather) becomes the image's alpha channel, or the background is replaced "

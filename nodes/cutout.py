@@ -62,7 +62,7 @@ def cutout_masks(model, image: torch.Tensor, processing_res: int, seed: int = 0,
 class DiffDISRemoveBackground(IO.ComfyNode):
     @classmethod
     def define_schema(cls) -> IO.Schema:
-        return schema.schema(
+        return schema.node_schema(
             "DiffDISRemoveBackground", "DiffDIS Remove Background",
             "Cuts the foreground out of an image in one node: DiffDIS segments it (mask only, at "
             "processing_res) and the mask becomes the image's alpha channel, or the background is replaced "

@@ -11,7 +11,7 @@ from .cutout import DiffDISBackgroundRemoval
 class DiffDISLoader(IO.ComfyNode):
     @classmethod
     def define_schema(cls) -> IO.Schema:
-        return schema.schema(
+        return schema.node_schema(
             "DiffDISLoader", "Load DiffDIS",
             "Loads DiffDIS (ICLR 2025), a one-step diffusion model (fine-tuned SD-Turbo) for high-precision "
             "dichotomous image segmentation: a foreground mask and an edge map with fine detail such as hair, "

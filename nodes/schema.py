@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from comfy_api.latest import IO
 
 from diffdis_core import spec
@@ -31,8 +32,8 @@ BackgroundRemoval = IO.Custom("BACKGROUND_REMOVAL")
 SCHEMA_FIELDS = {field.name for field in dataclasses.fields(IO.Schema)}
 
 
-def schema(node_id: str, display_name: str, description: str, search_aliases: list[str], inputs: list,
-           outputs: list, hidden: list | None = None) -> IO.Schema:
+def node_schema(node_id: str, display_name: str, description: str, search_aliases: list[str], inputs: list,
+                outputs: list, hidden: list | None = None) -> IO.Schema:
     """A DiffDIS node's schema, in the DiffDIS menu, found by the family's search words and its own."""
     fields = dict(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
                   inputs=inputs, outputs=outputs, hidden=hidden or [])
@@ -83,7 +84,7 @@ def cutout_outputs(image_tooltip: str, mask_tooltip: str) -> list[IO.Output]:
                                            "when background is alpha). Safe for every node that takes an IMAGE.")]
 
 
-def cutout_images(colours, alpha, color) -> tuple:
+def cutout_images(colours, alpha, color) -> tuple[torch.Tensor, torch.Tensor]:
     """The image and rgb outputs of a cutout: RGBA for ``color`` None (alpha), else both the same
     composite on that colour."""
     image = tensors.apply_background(colours, alpha, color)

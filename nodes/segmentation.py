@@ -125,7 +125,7 @@ def mark_edge_use(request: dict) -> dict:
 class DiffDISEncodeCondition(IO.ComfyNode):
     @classmethod
     def define_schema(cls) -> IO.Schema:
-        return schema.schema(
+        return schema.node_schema(
             "DiffDISEncodeCondition", "DiffDIS Encode Condition",
             "Encodes the image into what DiffDIS is conditioned on: the VAE latents of the image resized to "
             "processing_res, at four scales. Feed it to DiffDIS One-Step Segment.",
@@ -168,7 +168,7 @@ class DiffDISEncodeCondition(IO.ComfyNode):
 class DiffDISOneStepSegment(IO.ComfyNode):
     @classmethod
     def define_schema(cls) -> IO.Schema:
-        return schema.schema(
+        return schema.node_schema(
             "DiffDISOneStepSegment", "DiffDIS One-Step Segment",
             "Runs DiffDIS's single denoising step: from noise at t = 999 the UNet predicts the mask and edge "
             "latents together, conditioned on the image. Decode them with DiffDIS Decode Mask/Edge.",
@@ -220,7 +220,7 @@ class DiffDISOneStepSegment(IO.ComfyNode):
 class DiffDISDecode(IO.ComfyNode):
     @classmethod
     def define_schema(cls) -> IO.Schema:
-        return schema.schema(
+        return schema.node_schema(
             "DiffDISDecode", "DiffDIS Decode Mask/Edge",
             "Decodes the mask (and, when used or asked, the edge) latents with the VAE, averages augmented "
             "views and noise draws, and resizes the maps back to each image's original size. The mask is "

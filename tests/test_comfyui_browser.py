@@ -121,7 +121,6 @@ def overlapping(a: list[float], b: list[float]) -> bool:
 
 @pytest.mark.parametrize("name", ["cutout", "remove_background", "generate_and_cutout"])
 def test_dropped_workflow_loads_whole_and_readable(page, name):
-    saved = {node["id"]: node for node in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]}
     nodes = drop(page, name)
     screenshot(page, name)
     missing = [node["type"] for node in nodes if not node["registered"]]
@@ -145,8 +144,14 @@ def test_dropped_workflow_loads_whole_and_readable(page, name):
     for i, a in enumerate(nodes):
         for b in nodes[i + 1:]:
             assert not overlapping(a["rect"], b["rect"]), f"{a['title']} {a['rect']} overlaps {b['title']} {b['rect']}"
-    # Every link lands on the input it was saved to, by name (core nodes reorder inputs between versions).
-    saved_links = {link[0]: link for link in json.loads((WORKFLOWS / f"{name}.json").read_text())["links"]}
+    assert_links_and_widgets_as_saved(nodes, json.loads((WORKFLOWS / f"{name}.json").read_text()))
+
+
+def assert_links_and_widgets_as_saved(nodes: list[dict], graph: dict) -> None:
+    """Every link lands on the input it was saved to, by name (core nodes reorder inputs between versions),
+    from the same output slot; every widget holds its saved value."""
+    saved = {node["id"]: node for node in graph["nodes"]}
+    saved_links = {link[0]: link for link in graph["links"]}
     expected_inputs = {}
     for node in saved.values():
         for socket in node["inputs"]:
@@ -160,6 +165,21 @@ def test_dropped_workflow_loads_whole_and_readable(page, name):
         if node["type"] == "LoadImage":
             continue  # its image is whatever the input folder has; the list check is the integration test's
         assert values == expected, f"{node['title']}: {values} != {expected}"
+
+
+@pytest.mark.parametrize("name", ["cutout", "remove_background", "generate_and_cutout"])
+def test_a_workflow_saved_before_the_v3_schema_loads_as_saved(page, name):
+    """The workflows as shipped on the classic node API: whole, links and widget values as saved, and the
+    cutout nodes show their new rgb output after image and mask."""
+    path = ROOT / "tests" / "fixtures" / "saved_workflows" / "before_v3" / f"{name}.json"
+    nodes = drop(page, f"before_v3_{name}", path)
+    assert all(node["registered"] for node in nodes)
+    assert_links_and_widgets_as_saved(nodes, json.loads(path.read_text()))
+    for node in nodes:
+        if node["type"] in ("DiffDISApplyAlpha", "DiffDISRemoveBackground"):
+            outputs = page.evaluate(f"() => window.app.graph.getNodeById({node['id']}).outputs.map(o => o.type)")
+            assert outputs == ["IMAGE", "MASK", "IMAGE"], node["type"]
+    page.keyboard.press("Escape")  # generate_and_cutout's missing-checkpoint notice
 
 
 def test_a_workflow_saved_before_the_new_outputs_loads_and_keeps_its_links(page):

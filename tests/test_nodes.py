@@ -180,9 +180,11 @@ def test_node_ids_display_names_and_ui_metadata():
 RANGES = {("DiffDISEncodeCondition", "processing_res"): (64, 4096), ("DiffDISOneStepSegment", "seed"): (0, 2**64 - 1),
           ("DiffDISOneStepSegment", "ensemble"): (1, 16), ("DiffDISApplyAlpha", "mask_blur"): (0, 256),
           ("DiffDISApplyAlpha", "mask_expand"): (-256, 256), ("DiffDISApplyAlpha", "threshold"): (0.0, 1.0),
-          ("DiffDISApplyAlpha", "processing_res"): (64, 4096), ("DiffDISRemoveBackground", "processing_res"): (64, 4096),
+          ("DiffDISApplyAlpha", "processing_res"): (64, 4096),
+          ("DiffDISRemoveBackground", "processing_res"): (64, 4096),
           ("DiffDISRemoveBackground", "seed"): (0, 2**64 - 1)}
-CHOICES = {("DiffDISLoader", "precision"): ["auto", "fp32", "fp16", "bf16"], ("DiffDISLoader", "device"): ["auto", "cpu"],
+CHOICES = {("DiffDISLoader", "precision"): ["auto", "fp32", "fp16", "bf16"],
+           ("DiffDISLoader", "device"): ["auto", "cpu"],
            ("DiffDISDecode", "decode"): ["auto", "mask only", "mask and edge"],
            ("DiffDISApplyAlpha", "background"): ["alpha", "white", "black", "gray", "green", "custom"],
            ("DiffDISRemoveBackground", "background"): ["alpha", "white", "black", "gray", "green", "custom"]}
