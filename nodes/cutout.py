@@ -8,10 +8,9 @@ Cancel as the stage nodes; then the cutout refinements (refinement.py), as Apply
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import IO
 
 from diffdis_core import spec
-
-from comfy_api.latest import IO
 
 from . import batching, refinement, schema, services, tensors
 from .segmentation import check_model, check_processing_res, decode_chunk, encode_chunk, frame_pixels, segment_chunk

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from comfy_api.latest import IO
 
 from diffdis_core import spec
-
-from comfy_api.latest import IO
 
 from . import batching, schema, services, tensors
 from .checks import core, error
