@@ -1,8 +1,8 @@
 """A stand-in for the few pieces of ComfyUI's V3 node API (``comfy_api.latest``) the pack uses, for the
 tests that run without ComfyUI (the real module imports ComfyUI's server, execution and arguments).
 
-It only records what the nodes declare, with the same constructor arguments as ComfyUI's classes (an
-argument ComfyUI does not take fails here too), and gives ComfyUI's classic view of a node
+It only records what the nodes declare, taking a subset of the constructor arguments ComfyUI 0.8 and
+0.21 both take (anything else fails here too), and gives ComfyUI's classic view of a node
 (``INPUT_TYPES``, ``RETURN_TYPES``...) the way ComfyUI builds it for /object_info and validation.
 tests/test_comfyui_integration.py compares that view of every node with a real ComfyUI's
 /object_info, so the stand-in cannot drift from the real API unnoticed.
