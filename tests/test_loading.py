@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffdis_core import DiffDISError, DiffDISPipeline
-from diffdis_core.hub import EMPTY_EMBED_FILE
+from diffdis_core.spec import EMPTY_EMBED_FILE
 from diffdis_core.text import encode_empty_prompt
 
 RES = 64
