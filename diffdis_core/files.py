@@ -56,9 +56,21 @@ def damaged_file_remedy(path: str | os.PathLike) -> str:
     return "replace it with a complete copy"
 
 
+def _denied_on_the_way(path: str | os.PathLike) -> Path:
+    """The outermost folder on the way to ``path`` that this process may not enter, else ``path`` itself:
+    what the user has to make readable (the OS names the file it was opening, not the folder in the way)."""
+    path = Path(os.path.abspath(path))
+    effective = os.access in os.supports_effective_ids  # the account's rights, also under a changed euid
+    for folder in reversed(path.parents):
+        if not os.access(folder, os.X_OK, effective_ids=effective):
+            return folder
+    return path
+
+
 def cannot_read(path: str | os.PathLike, error: OSError) -> DiffDISError:
     """The one line for a file or folder the OS will not read: what it said and what to do."""
     if isinstance(error, PermissionError):
+        path = _denied_on_the_way(path)
         fix = "chmod -R a+rX" if os.path.isdir(path) else "chmod a+r"
         return DiffDISError(f"{path}: this account may not read it (permission denied); make it readable, e.g. "
                             f"{fix} '{path}' (safetensors writes weights private to the account that wrote them)")

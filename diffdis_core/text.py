@@ -89,17 +89,17 @@ def encode_empty_prompt(text_encoder_dir: str | os.PathLike, tokenizer_dir: str 
     if not weights.is_file():
         raise DiffDISError(f"no {weights}: the text encoder is read from safetensors only "
                            f"(or put {EMPTY_EMBED_KEY}.safetensors in the model folder)")
-    read_json(text_encoder_dir / "config.json")  # bounded, before transformers reads it
+    config_path = text_encoder_dir / "config.json"
+    settings = read_json(config_path)  # bounded, and read here only: transformers gets the checked values
     sizes = clip_sizes_in_weights(weights)
     check_tokenizer_files(Path(tokenizer_dir))
     try:
-        config = CLIPTextConfig.from_pretrained(text_encoder_dir)
-        heads = config.num_attention_heads
-        if not isinstance(heads, int) or not 1 <= heads <= sizes["hidden_size"] or sizes["hidden_size"] % heads:
-            raise DiffDISError(f"{text_encoder_dir / 'config.json'}: num_attention_heads is {heads!r}, it must divide "
-                               f"the hidden size of its weights ({sizes['hidden_size']}); is the file damaged?")
-        for key, value in sizes.items():
-            setattr(config, key, value)
+        config = CLIPTextConfig.from_dict({k: v for k, v in settings.items() if not k.startswith("_")} | sizes)
+    except Exception as error:  # transformers validates the architecture with several error types
+        detail = (str(error.__cause__ or error).strip().splitlines() or [type(error).__name__])[0]
+        raise DiffDISError(f"{config_path} does not fit the text encoder in its weights ({detail}); "
+                           "is the file damaged?") from None
+    try:
         encoder = CLIPTextModel.from_pretrained(text_encoder_dir, config=config, use_safetensors=True).eval()
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise DiffDISError(f"could not load the text encoder in {text_encoder_dir} "
