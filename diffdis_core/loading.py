@@ -6,9 +6,10 @@
 Missing parts are taken from the model first, then from ``base``; a repo is only downloaded for
 the parts that are needed, and never when the files are on disk.
 
-Every part is checked against its config before it loads (from the files' headers, no weights read):
-a truncated, damaged or inconsistent file is one DiffDISError naming the file and what is wrong,
-never a traceback from deep inside diffusers.
+Every part is checked before it loads: its config's values within bounds (configs.*_CONFIG_RULES),
+then the architecture against the files' headers (no weights read). A truncated, damaged, unreadable or
+inconsistent file is one DiffDISError naming the file and what to do, never a traceback from deep
+inside diffusers. ``load_vae`` and ``load_scheduler`` are the loaders of the pipeline and of training.
 """
 
 from __future__ import annotations
