@@ -18,25 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffDISError
-from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, EMPTY_EMBED_KEY, UNET_WEIGHTS_NAMES  # noqa: F401
+from .files import find_weights
+from .spec import MODEL_FOLDER_LAYOUT, UNET_WEIGHTS_NAMES, layout_help
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Endings that make a name a file, never a repo id ("owner/model.v2" stays a repo id).
 FILE_EXTENSIONS = {".safetensors", ".sft", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".json", ".gguf", ".onnx"}
 
-# What each part of a model folder holds (the released layout; text_encoder/ + tokenizer/ are read
-# once, to make EMPTY_EMBED_FILE).
-PART_FILES = {
-    "unet": ["config.json", UNET_WEIGHTS_NAMES[0]],
-    "vae": ["config.json", UNET_WEIGHTS_NAMES[0]],
-    "scheduler": ["scheduler_config.json"],
-    "text_encoder": ["config.json", "model.safetensors"],
-    "tokenizer": ["tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"],
-}
-LAYOUT_HELP = (
-    "a DiffDIS model folder holds unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors each), "
-    f"optionally scheduler/scheduler_config.json, and {EMPTY_EMBED_FILE} or text_encoder/ + tokenizer/"
-)
+LAYOUT_HELP = f"a DiffDIS model folder holds {layout_help()}"
 
 HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "token")
 
@@ -106,7 +95,7 @@ def files_by_folder(patterns: list[str]) -> dict[str, list[str]]:
     for pattern in patterns:
         folder, _, name = pattern.rpartition("/")
         bucket = folders.setdefault(folder, [])
-        bucket += [n for n in (PART_FILES.get(folder, [name]) if name == "*" else [name]) if n not in bucket]
+        bucket += [n for n in (MODEL_FOLDER_LAYOUT.get(folder, [name]) if name == "*" else [name]) if n not in bucket]
     return folders
 
 
@@ -157,13 +146,9 @@ def resolve_unet_files(
         config = path.with_name("config.json")
         return (config if config.is_file() else None), path
     folder = path / subfolder if subfolder and (path / subfolder).is_dir() else path
-    for name in UNET_WEIGHTS_NAMES:
-        if (folder / name).is_file():
-            config = folder / "config.json"
-            return (config if config.is_file() else None), folder / name
-    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in {".bin", ".ckpt", ".pt", ".pth"})
-    if pickled:
-        raise DiffDISError(f"{folder} has only {pickled[0]}: DiffDIS loads .safetensors weights only "
-                           "(pickled files can run code); convert it or download the safetensors version")
+    weights = find_weights(folder, UNET_WEIGHTS_NAMES)
+    if weights is not None:
+        config = folder / "config.json"
+        return (config if config.is_file() else None), weights
     raise DiffDISError(f"no UNet weights in {folder}: expected {UNET_WEIGHTS_NAMES[0]} there or in {folder}/unet/; "
                        f"{LAYOUT_HELP}")

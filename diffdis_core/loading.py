@@ -6,35 +6,50 @@
 Missing parts are taken from the model first, then from ``base``; a repo is only downloaded for
 the parts that are needed, and never when the files are on disk.
 
-Every part is checked against its config before it loads (from the files' headers, no weights read):
-a truncated, damaged or inconsistent file is one DiffDISError naming the file and what is wrong,
-never a traceback from deep inside diffusers.
+Every part is checked before it loads: its config's values within bounds (configs.*_CONFIG_RULES),
+then the architecture against the files' headers (no weights read). A truncated, damaged, unreadable or
+inconsistent file is one DiffDISError naming the file and what to do, never a traceback from deep
+inside diffusers. ``load_vae`` and ``load_scheduler`` are the loaders of the pipeline and of training.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .configs import SD_TURBO_UNET_CONFIG
+from .configs import (
+    SCHEDULER_CONFIG_RULES,
+    SD_TURBO_SCHEDULER_CONFIG,
+    SD_TURBO_UNET_CONFIG,
+    UNET_CONFIG_RULES,
+    VAE_CONFIG_RULES,
+    check_config,
+)
+from .devices import vae_dtype
 from .errors import DiffDISError
-from .hub import (
+from .files import damaged_file_remedy, find_weights, read_errors_named, read_json, safetensors_shapes
+from .hub import LAYOUT_HELP, download, is_repo_id, local_path, option, resolve_unet_files
+from .spec import (
+    BUILT_IN_FILES,
     DEFAULT_BASE,
     EMPTY_EMBED_FILE,
-    LAYOUT_HELP,
-    download,
-    is_repo_id,
-    local_path,
-    option,
-    resolve_unet_files,
+    MODEL_FILES,
+    MODEL_FOLDER_LAYOUT,
+    TEXT_ENCODER_FILES,
+    TEXT_ENCODER_PARTS,
+    UNET_WEIGHTS_NAMES,
+    layout_help,
+    part_help,
 )
-from .spec import MODEL_FILES, TEXT_ENCODER_FILES, UNET_WEIGHTS_NAMES
 from .text import check_embedding_width, encode_empty_prompt, load_empty_embedding, save_empty_embedding
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler
 
 # A model repo may also hold the cached embedding (save_pretrained writes it); ask for it, never require it.
 MODEL_REPO_FILES = [*MODEL_FILES, EMPTY_EMBED_FILE]
@@ -42,74 +57,47 @@ MODEL_REPO_FILES = [*MODEL_FILES, EMPTY_EMBED_FILE]
 LEGACY_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
-# ---------------------------------------------------------------------------------------------- file checks
-def damaged_file_remedy(path: str | os.PathLike) -> str:
-    """What to do with a damaged file: a Hugging Face cache file is fetched again once deleted; a
-    local one (a copy, a training checkpoint) must be replaced."""
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
+# ---------------------------------------------------------------------------------------------- model folders
+def missing_model_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the layout (spec.MODEL_FOLDER_LAYOUT) that ``folder`` lacks to load on its own
+    (no base): empty when it is complete. Built-in files (spec.BUILT_IN_FILES) are never missing."""
+    folder = Path(folder)
 
-        in_cache = os.path.abspath(path).startswith(os.path.abspath(HF_HUB_CACHE) + os.sep)
-    except ImportError:
-        in_cache = False
-    if in_cache:
-        return "delete it from the Hugging Face cache and run again to download it anew"
-    return "replace it with a complete copy"
+    def has(part: str, name: str) -> bool:
+        names = UNET_WEIGHTS_NAMES if name == UNET_WEIGHTS_NAMES[0] else (name,)  # the fp16 file will do too
+        return f"{part}/{name}" in BUILT_IN_FILES or any((folder / part / n).is_file() for n in names)
 
-
-def _describe_bad_safetensors(path: Path, error: Exception) -> str:
-    """Why ``path`` is not a readable safetensors file, in words (truncated, not safetensors, ...)."""
-    size = path.stat().st_size
-    if size == 0:
-        return "is empty"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if header_len < 2 or header_len > min(size - 8, 100_000_000):
-            kind = "a pickle/zip archive" if head[:2] == b"PK" or head[:1] == b"\x80" else "something else"
-            return f"is not a safetensors file (it looks like {kind})" if size > 8 else f"is truncated ({size} bytes)"
-        try:
-            header = json.loads(f.read(header_len))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError):
-            return "has a damaged header (not valid safetensors JSON)"
-    expected = 8 + header_len + end
-    if size < expected:
-        return f"is truncated: {size:,} of {expected:,} bytes (an interrupted write or copy?)"
-    if size > expected:
-        return f"has {size - expected:,} bytes more than its header describes"
-    return f"is damaged ({str(error).splitlines()[0]})"
+    with read_errors_named(folder):
+        missing = [f"{part}/{name}" for part in ("unet", "vae") for name in MODEL_FOLDER_LAYOUT[part]
+                   if not has(part, name)]
+        if not (folder / EMPTY_EMBED_FILE).is_file() and not all(
+                has(part, name) for part in TEXT_ENCODER_PARTS for name in MODEL_FOLDER_LAYOUT[part]):
+            missing.append(f"{EMPTY_EMBED_FILE} (or {' + '.join(part_help(p) for p in TEXT_ENCODER_PARTS)})")
+    return missing
 
 
-def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header (no data read), checking the file is whole."""
-    from safetensors import safe_open
+def check_model_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` if it holds a complete model (see ``missing_model_files``), else one DiffDISError
+    listing what it lacks and what a complete folder holds."""
+    folder = Path(folder)
+    missing = missing_model_files(folder)
+    if missing:
+        raise DiffDISError(f"model folder {folder} is incomplete, missing {', '.join(missing)}; "
+                           f"a complete folder holds {layout_help(folder.name + '/')}")
+    return folder
 
-    path = Path(path)
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    except Exception as error:  # safetensors raises several types for truncated or foreign files
-        raise DiffDISError(f"{path} {_describe_bad_safetensors(path, error)}; {damaged_file_remedy(path)}") from None
+
+def _required_file(folder: Path, name: str, part: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        raise DiffDISError(f"{folder} has no {name}: a {part}/ folder holds {part_help(part)}")
+    return path
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON object file; a DiffDISError naming the file and the line when it is not one."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as error:
-        raise DiffDISError(f"{path} is not valid JSON (line {error.lineno}: {error.msg}); "
-                           f"{damaged_file_remedy(path)}") from None
-    except UnicodeDecodeError:
-        raise DiffDISError(f"{path} is not a text file; {damaged_file_remedy(path)}") from None
-    except OSError as error:
-        raise DiffDISError(f"{path}: cannot read it ({error.strerror})") from None
-    if not isinstance(data, dict):
-        raise DiffDISError(f"{path} holds a JSON {type(data).__name__}, not a config object; "
-                           f"{damaged_file_remedy(path)}")
-    return data
+# ---------------------------------------------------------------------------------------------- parts
+def read_unet_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A UNet config.json, its layer counts and widths within bounds (configs.UNET_CONFIG_RULES)."""
+    return check_config(read_json(path), UNET_CONFIG_RULES, path)
 
 
 def check_weights(weights: Path, expected: dict[str, tuple[int, ...]], what: str) -> None:
@@ -128,42 +116,71 @@ def check_weights(weights: Path, expected: dict[str, tuple[int, ...]], what: str
                            f"{list(found[k])}, the config needs {list(expected[k])}")
 
 
-def check_vae_folder(folder: Path) -> None:
-    """config.json and the weights of a VAE folder agree (what AutoencoderKL.from_pretrained needs)."""
+def _current_name(key: str) -> str:
+    for legacy, name in LEGACY_ATTENTION_NAMES.items():
+        key = key.replace(legacy, name)
+    return key
+
+
+def load_vae(folder: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The VAE in ``folder`` (config.json + diffusion_pytorch_model.safetensors), on the CPU.
+
+    Checked before any tensor is allocated: the config within bounds (configs.VAE_CONFIG_RULES), the
+    architecture built on the meta device, every shape it needs in the weights' header. Loaded one
+    tensor at a time straight into its dtype: ``torch_dtype``, or float32 under float16 where the config
+    asks (``devices.vae_dtype``: the SD VAE overflows in float16).
+    """
     from diffusers import AutoencoderKL
+    from safetensors import safe_open
 
-    config = read_json(_required_file(folder, "config.json", "vae"))
-    weights = next((folder / n for n in UNET_WEIGHTS_NAMES if (folder / n).is_file()), None)
-    if weights is None:
-        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in {".bin", ".ckpt", ".pt", ".pth"})
-        if pickled:
-            raise DiffDISError(f"{folder} has only {pickled[0]}: DiffDIS loads .safetensors weights only "
-                               "(pickled files can run code); convert it or download the safetensors version")
-        _required_file(folder, UNET_WEIGHTS_NAMES[0], "vae")
-    try:
-        with torch.device("meta"):
-            vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    except Exception as error:  # diffusers raises several types for impossible configs
-        raise DiffDISError(f"{folder / 'config.json'} does not describe a VAE ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    check_weights(weights, {k: tuple(v.shape) for k, v in vae.state_dict().items()}, "VAE")
-
-
-def _required_file(folder: Path, name: str, part: str) -> Path:
-    path = folder / name
-    if not path.is_file():
-        raise DiffDISError(f"{folder} has no {name}: a {part}/ folder needs config.json and "
-                           f"{'diffusion_pytorch_model.safetensors' if part in ('vae', 'unet') else 'its files'}")
-    return path
-
-
-def check_scheduler_folder(folder: Path) -> None:
-    config = folder / "scheduler_config.json"
-    if config.is_file():
-        read_json(config)
+    folder = Path(folder)
+    with read_errors_named(folder):
+        config_path = _required_file(folder, "config.json", "vae")
+        config = check_config(read_json(config_path), VAE_CONFIG_RULES, config_path)
+        weights = find_weights(folder, UNET_WEIGHTS_NAMES) or _required_file(folder, UNET_WEIGHTS_NAMES[0], "vae")
+        try:
+            with torch.device("meta"):
+                vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        except Exception as error:  # diffusers raises several types for impossible configs
+            raise DiffDISError(f"{config_path} does not describe a VAE ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        expected = vae.state_dict()
+        check_weights(weights, {k: tuple(v.shape) for k, v in expected.items()}, "VAE")
+        dtype = vae_dtype(torch_dtype, bool(vae.config.get("force_upcast", True)))
+        state = {}
+        with safe_open(os.fspath(weights), framework="pt") as tensors:
+            for key in tensors.keys():  # noqa: SIM118 (safe_open is not a dict)
+                name = _current_name(key)
+                if name in expected:  # tensors the architecture does not use are left unread
+                    tensor = tensors.get_tensor(key)
+                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae.eval()
 
 
-PART_CHECKS = {"vae": check_vae_folder, "scheduler": check_scheduler_folder}
+def load_scheduler(folder: str | os.PathLike | None) -> DDPMScheduler:
+    """The noise schedule: ``folder``'s scheduler_config.json, its values within bounds
+    (configs.SCHEDULER_CONFIG_RULES), else SD-Turbo's, built in. Only the schedule is used, always with
+    the epsilon parameterisation: DiffDIS predicts noise whatever its base did (SD 2.1: v)."""
+    from diffusers import DDPMScheduler
+
+    config_path = None if folder is None else Path(folder) / MODEL_FOLDER_LAYOUT["scheduler"][0]
+    with read_errors_named(folder):
+        if config_path is None or not config_path.is_file():
+            config, config_path = SD_TURBO_SCHEDULER_CONFIG, "the built-in SD-Turbo schedule"
+        else:
+            config = check_config(read_json(config_path), SCHEDULER_CONFIG_RULES, config_path)
+    steps = config.get("num_train_timesteps") or 1000  # DDPMScheduler's default
+    betas = config.get("trained_betas")
+    if betas is not None and len(betas) != steps:
+        raise DiffDISError(f"{config_path}: trained_betas has {len(betas)} values for {steps} num_train_timesteps; "
+                           "is the file damaged?")
+    scheduler = DDPMScheduler.from_config({**config, "prediction_type": "epsilon"})
+    last = float(scheduler.alphas_cumprod[-1])
+    if not 0.0 < last <= 1.0:  # the one-step prediction divides by its square root
+        raise DiffDISError(f"{config_path}: its schedule leaves no signal at the last timestep (alpha {last:g}); "
+                           "is the file damaged or from another kind of model?")
+    return scheduler
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -177,6 +194,7 @@ class ModelSources:
     local_dir: str | os.PathLike | None = None
 
     @classmethod
+    @read_errors_named()
     def resolve(cls, model: str | os.PathLike, base: str | os.PathLike | None,
                 local_dir: str | os.PathLike | None = None, **hub_kwargs: Any) -> ModelSources:
         model_repo = None
@@ -192,11 +210,13 @@ class ModelSources:
         return cls(weights, model_dir, model_repo, os.fspath(base) if base is not None else None,
                    hub_kwargs, local_dir)
 
+    @read_errors_named()
     def unet_config(self) -> dict[str, Any]:
-        """The weights' own config.json, else the base's, else SD-Turbo's (what the release used)."""
+        """The weights' own config.json, else the base's, else SD-Turbo's (what the release used); within
+        bounds (``read_unet_config``)."""
         for candidate in (self.unet_weights.with_name("config.json"), self._local_base_file("unet/config.json")):
             if candidate is not None and candidate.is_file():
-                return read_json(candidate)
+                return read_unet_config(candidate)
         return SD_TURBO_UNET_CONFIG
 
     def _local_base_file(self, relative: str) -> Path | None:
@@ -204,23 +224,21 @@ class ModelSources:
             return None
         return Path(self.base) / relative
 
+    @read_errors_named()
     def component(self, name: str, required: bool = True) -> Path | None:
-        """The folder of ``name`` (vae, scheduler, text_encoder, tokenizer): model, then base.
+        """The folder of ``name`` (vae, scheduler, text_encoder, tokenizer): model, then base. An optional
+        part's folder without its file (an empty scheduler/ an interrupted download left) is passed over.
+        ``load_vae`` and ``load_scheduler`` check what they load."""
 
-        The VAE and scheduler folders are checked (configs readable, weights whole and matching).
-        """
-        folder = self._find_component(name, required)
-        if folder is not None and name in PART_CHECKS:
-            PART_CHECKS[name](folder)
-        return folder
+        def found(folder: Path) -> bool:
+            return (folder / MODEL_FOLDER_LAYOUT[name][0]).is_file() if not required else folder.is_dir()
 
-    def _find_component(self, name: str, required: bool) -> Path | None:
-        if self.model_dir is not None and (self.model_dir / name).is_dir():
+        if self.model_dir is not None and found(self.model_dir / name):
             return self.model_dir / name
         if self.model_repo is not None:
             folder = download(self.model_repo, [f"{name}/*"], local_dir=self.local_dir, role="model",
                               **self.hub_kwargs) / name
-            if folder.is_dir():
+            if found(folder):
                 return folder
         where = self.model_dir or self.unet_weights
         if self.base is None:
@@ -234,12 +252,13 @@ class ModelSources:
             base = download(self.base, [f"{name}/*"], role="base", **self.hub_kwargs)
         else:
             base = local_path(self.base, "base")
-        if not (base / name).is_dir():
+        if not found(base / name):
             if required:
                 raise DiffDISError(f"no {name}/ in {where} nor in the base {base}; {LAYOUT_HELP}")
             return None
         return base / name
 
+    @read_errors_named()
     def empty_embedding(self, cache: bool) -> torch.Tensor:
         """Read ``empty_text_embed.safetensors``, or encode the empty prompt once and cache it; its
         width must be the UNet's cross-attention width."""
@@ -255,5 +274,6 @@ class ModelSources:
         check_embedding_width(embed, width, text_encoder)
         target = self.model_dir or self.unet_weights.parent
         if cache and os.access(target, os.W_OK):
-            save_empty_embedding(embed, target / EMPTY_EMBED_FILE)
+            with contextlib.suppress(OSError):  # a cache: a full disk only means encoding again next time
+                save_empty_embedding(embed, target / EMPTY_EMBED_FILE)
         return embed

@@ -23,13 +23,13 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .configs import LATENT_SCALE_FACTOR, SD_TURBO_SCHEDULER_CONFIG
+from .configs import LATENT_SCALE_FACTOR
 from .devices import check_compiler, pick_dtype, reuse_freed_memory, vae_dtype
 from .ensemble import ENSEMBLE_METHODS, ensemble_maps
 from .errors import DiffDISError
 from .image_io import pil_to_rgb_tensor
 from .matting import refine_alpha
-from .loading import ModelSources
+from .loading import ModelSources, load_scheduler, load_vae
 from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, TTA_VIEWS, check_processing_res
 from .text import check_embedding_width, save_empty_embedding
 from .unet import DiffDISUNet, read_unet_state_dict
@@ -528,16 +528,8 @@ class DiffDISPipeline(DiffusionPipeline):
         unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), dtype, device,
                                            source=str(sources.unet_weights))
         del unet_state
-        vae_dir = sources.component("vae")
-        try:
-            vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
-        except (OSError, ValueError) as error:
-            raise DiffDISError(f"could not load the VAE from {vae_dir} ({str(error).splitlines()[0]}); it needs "
-                               "config.json and diffusion_pytorch_model.safetensors") from None
-        scheduler_dir = sources.component("scheduler", required=False)
-        # Only the noise schedule is used; SD-Turbo's is built in for folders without scheduler/.
-        scheduler = DDPMScheduler.from_config(
-            DDPMScheduler.load_config(scheduler_dir) if scheduler_dir is not None else SD_TURBO_SCHEDULER_CONFIG)
+        vae = load_vae(sources.component("vae"), dtype)
+        scheduler = load_scheduler(sources.component("scheduler", required=False))
         if repack_embed is not None:  # a single-file repack's own embedding: it must fit this UNet too
             embed = check_embedding_width(repack_embed, unet.config.cross_attention_dim, sources.unet_weights)
         else:

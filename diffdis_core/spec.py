@@ -18,6 +18,31 @@ EMPTY_EMBED_KEY = "empty_text_embed"
 MODEL_FILES = ["unet/config.json", f"unet/{UNET_WEIGHTS_NAMES[0]}", "vae/config.json",
                f"vae/{UNET_WEIGHTS_NAMES[0]}", "scheduler/*"]
 TEXT_ENCODER_FILES = ["text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/*"]
+# The model-folder layout: every help text (layout_help) and the completeness check
+# (loading.missing_model_files) come from this table. Part folder -> the files it holds.
+MODEL_FOLDER_LAYOUT = {
+    "unet": ("config.json", UNET_WEIGHTS_NAMES[0]),
+    "vae": ("config.json", UNET_WEIGHTS_NAMES[0]),
+    "scheduler": ("scheduler_config.json",),
+    "text_encoder": ("config.json", "model.safetensors"),
+    "tokenizer": ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"),
+}
+# Files a model loads without: SD-Turbo's UNet config and noise schedule are built in (configs.py).
+BUILT_IN_FILES = ("unet/config.json", "scheduler/scheduler_config.json")
+# Read once to make EMPTY_EMBED_FILE, then never again.
+TEXT_ENCODER_PARTS = ("text_encoder", "tokenizer")
+
+
+def part_help(part: str, prefix: str = "") -> str:
+    """``<prefix>vae/{config.json, diffusion_pytorch_model.safetensors}``"""
+    names = MODEL_FOLDER_LAYOUT[part]
+    return f"{prefix}{part}/{names[0]}" if len(names) == 1 else f"{prefix}{part}/{{{', '.join(names)}}}"
+
+
+def layout_help(prefix: str = "") -> str:
+    """What a complete model folder holds, each path starting with ``prefix`` ("DiffDIS/" or "")."""
+    return (f"{part_help('unet', prefix)}, {part_help('vae', prefix)}, {part_help('scheduler', prefix)} (optional), "
+            f"and {prefix}{EMPTY_EMBED_FILE} or {part_help('text_encoder', prefix)} + {part_help('tokenizer', prefix)}")
 
 # The authors' test-time augmentation in their (ttach) order: flip outer, scale inner.
 TTA_VIEWS: tuple[tuple[bool, float], ...] = tuple((flip, scale) for flip in (False, True) for scale in (0.75, 1.0, 1.25))

@@ -28,6 +28,7 @@ from torch import nn
 
 from .configs import DIFFDIS_CONFIG_OVERRIDES, SD_TURBO_UNET_CONFIG
 from .errors import DiffDISError
+from .files import pickle_refusal, safetensors_shapes
 
 # Keys a single-file repack (set-soft/RemBG ``DiffDIS_F16.safetensors``) adds around the UNet.
 REPACK_UNET_PREFIX = "unet."
@@ -265,11 +266,11 @@ class DiffDISUNet(UNet2DConditionModel):
         ``hub_kwargs`` go to huggingface-hub (``cache_dir``, ``local_files_only``, ``revision``, ``token``).
         """
         from .hub import resolve_unet_files
-        from .loading import read_json
+        from .loading import read_unet_config
 
         config_path, weights_path = resolve_unet_files(pretrained_model_name_or_path, subfolder, **hub_kwargs)
         if config_path is not None:
-            config = read_json(config_path)
+            config = read_unet_config(config_path)
         unet_state, _ = read_unet_state_dict(weights_path)
         return cls.from_state_dict(unet_state, config or SD_TURBO_UNET_CONFIG, torch_dtype, device,
                                    source=str(weights_path))
@@ -317,8 +318,7 @@ def read_unet_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     """Read a UNet safetensors file; for the single-file repack, also its empty-prompt embedding."""
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
-        raise DiffDISError(f"{path}: only .safetensors weights are loaded (pickled .bin/.ckpt files can run code)")
-    from .loading import safetensors_shapes
+        raise pickle_refusal(path)
 
     safetensors_shapes(path)  # a truncated or foreign file: one line saying how, before any tensor is read
     state = load_file(path)

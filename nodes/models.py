@@ -30,10 +30,10 @@ EMBED_FILE = spec.EMPTY_EMBED_FILE
 PRECISIONS = list(devices.DTYPE_CHOICES)
 DEVICES = ["auto", "cpu"]
 
-TREE_HELP = ("<name>/unet/{config.json, diffusion_pytorch_model.safetensors}, "
-             "<name>/vae/{config.json, diffusion_pytorch_model.safetensors}, <name>/scheduler/scheduler_config.json "
-             f"(optional), and <name>/{EMBED_FILE} or <name>/text_encoder/model.safetensors + <name>/tokenizer/ "
-             f"(all from huggingface.co/{DOWNLOAD_REPO})")
+
+def tree_help(name: str) -> str:
+    """What the model folder ``name`` must hold (the core's one layout table, spec.MODEL_FOLDER_LAYOUT)."""
+    return f"{spec.layout_help(name + '/')} (all from huggingface.co/{DOWNLOAD_REPO})"
 
 
 # ---------------------------------------------------------------------------- listing and resolving
@@ -63,57 +63,45 @@ def check_model_name(name: str) -> None:
                     "pick one of the listed models (paths and '..' are not allowed)")
 
 
-def missing_files(folder: Path) -> list[str]:
-    """The files of the released layout that ``folder`` lacks (empty when it is complete)."""
-    missing = []
-    if not any((folder / "unet" / name).is_file() for name in UNET_WEIGHTS):
-        missing.append(f"unet/{UNET_WEIGHTS[0]}")
-    for name in ("vae/config.json", f"vae/{UNET_WEIGHTS[0]}"):
-        if not (folder / name).is_file():
-            missing.append(name)
-    has_encoder = (folder / "text_encoder" / "model.safetensors").is_file() and (folder / "tokenizer").is_dir()
-    if not (folder / EMBED_FILE).is_file() and not has_encoder:
-        missing.append(f"{EMBED_FILE} (or text_encoder/model.safetensors + tokenizer/)")
-    return missing
-
-
 def model_folder(name: str) -> Path:
     """The complete model folder for a Load DiffDIS ``model`` value; downloads for the download entry."""
     if name == DOWNLOAD_ENTRY:
         return downloaded_model()
     check_model_name(name)
+    core()
+    from diffdis_core.files import read_errors_named
+    from diffdis_core.loading import check_model_folder  # the core says what is missing
+
     roots = services.model_roots()
-    folder = next((root / name for root in roots if (root / name).is_dir()), None)
+    with read_errors_named():  # an unreadable models folder: one line naming it
+        folder = next((root / name for root in roots if (root / name).is_dir()), None)
     if folder is None:
         raise error(f"model folder {roots[0] / name} does not exist: create it as "
-                    f"{TREE_HELP.replace('<name>', name)}, or pick '{DOWNLOAD_ENTRY}'")
-    missing = missing_files(folder)
-    if missing:
-        raise error(f"model folder {folder} is incomplete, missing {', '.join(missing)}; "
-                    f"a complete folder holds {TREE_HELP.replace('<name>', name)}")
-    return folder
+                    f"{tree_help(name)}, or pick '{DOWNLOAD_ENTRY}'")
+    return check_model_folder(folder)
 
 
 def downloaded_model() -> Path:
     """models/diffdis/DiffDIS: used as is when complete (no network), else downloaded there."""
+    diffdis_core = core()
+    from diffdis_core import hub
+    from diffdis_core.loading import missing_model_files
+
     roots = services.model_roots()
     for root in roots:
-        if (root / DOWNLOAD_FOLDER).is_dir() and not missing_files(root / DOWNLOAD_FOLDER):
+        if (root / DOWNLOAD_FOLDER).is_dir() and not missing_model_files(root / DOWNLOAD_FOLDER):
             return root / DOWNLOAD_FOLDER
     target = roots[0] / DOWNLOAD_FOLDER
     files = spec.MODEL_FILES + ([] if (target / EMBED_FILE).is_file() else spec.TEXT_ENCODER_FILES)
-    diffdis_core = core()
-    from diffdis_core import hub
-
     try:
         hub.download(DOWNLOAD_REPO, files, local_dir=target)  # huggingface-hub creates the folder
     except (diffdis_core.DiffDISError, OSError) as failure:
         raise error(f"could not download {DOWNLOAD_REPO} into {target} ({_short(failure)}); download it by hand "
-                    f"so that it holds {TREE_HELP.replace('<name>', DOWNLOAD_FOLDER)}") from failure
-    missing = missing_files(target)
+                    f"so that it holds {tree_help(DOWNLOAD_FOLDER)}") from failure
+    missing = missing_model_files(target)
     if missing:
         raise error(f"the download of {DOWNLOAD_REPO} into {target} lacks {', '.join(missing)}; "
-                    f"add them by hand: {TREE_HELP.replace('<name>', DOWNLOAD_FOLDER)}")
+                    f"add them by hand: {tree_help(DOWNLOAD_FOLDER)}")
     return target
 
 
@@ -179,12 +167,15 @@ class DiffDISModel:
 
 def unet_parameter_count(folder: Path) -> int:
     """The UNet's parameter count, read from its safetensors header (no weights loaded): ComfyUI's
-    precision heuristics weigh it against the free memory."""
-    from safetensors import safe_open
+    precision heuristics weigh it against the free memory. A truncated or unreadable file is the core's
+    one line naming it."""
+    core()
+    from diffdis_core.files import find_weights, safetensors_shapes
 
-    weights = next(folder / "unet" / name for name in UNET_WEIGHTS if (folder / "unet" / name).is_file())
-    with safe_open(str(weights), framework="pt") as tensors:
-        return sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+    weights = find_weights(folder / "unet", UNET_WEIGHTS)
+    if weights is None:
+        raise error(f"{folder / 'unet'} has no {UNET_WEIGHTS[0]}; a complete folder holds {tree_help(folder.name)}")
+    return sum(math.prod(shape) for shape in safetensors_shapes(weights).values())
 
 
 def set_memory_format(pipeline: DiffDISPipeline, device: torch.device) -> None:

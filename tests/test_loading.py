@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffdis_core import DiffDISError, DiffDISPipeline
-from diffdis_core.hub import EMPTY_EMBED_FILE
+from diffdis_core.spec import EMPTY_EMBED_FILE
 from diffdis_core.text import encode_empty_prompt
 
 RES = 64
@@ -283,3 +284,119 @@ def test_truncated_embedding_is_named(tiny_model_dir):
     embed = tiny_model_dir / EMPTY_EMBED_FILE
     embed.write_bytes(embed.read_bytes()[:50])
     one_line_error(tiny_model_dir, str(embed))
+
+
+# ---------------------------------------------------------------------------------------------- hostile folders
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+
+def never_built(monkeypatch, part):
+    """Building ``part`` fails the test: a hostile config must be refused before anything is allocated."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    cls = {"scheduler": DDPMScheduler, "vae": AutoencoderKL, "unet": UNet2DConditionModel}[part]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the {part} was built before its config was checked")
+
+    monkeypatch.setattr(cls, "__init__", refuse)
+
+
+@pytest.mark.parametrize("config, change, expected", [
+    (SCHEDULER_CONFIG, {"num_train_timesteps": 10**12}, "num_train_timesteps is 1000000000000, it must be a whole "
+                                                         "number from 1 to 10000"),
+    (SCHEDULER_CONFIG, {"num_train_timesteps": 10_001}, "num_train_timesteps is 10001"),
+    (SCHEDULER_CONFIG, {"beta_schedule": "cosine_of_doom"}, "beta_schedule is 'cosine_of_doom', it must be one of linear"),
+    (SCHEDULER_CONFIG, {"beta_end": "0.012"}, "beta_end is '0.012', it must be a number between 0 and 1"),
+    (SCHEDULER_CONFIG, {"trained_betas": [0.5] * 1001}, "trained_betas has 1001 values for 1000 num_train_timesteps"),
+    (SCHEDULER_CONFIG, {"rescale_betas_zero_snr": "no"}, "rescale_betas_zero_snr is 'no', it must be true or false"),
+    ("unet/config.json", {"layers_per_block": 5}, "layers_per_block is 5, it must be a whole number from 1 to 4"),
+    ("unet/config.json", {"transformer_layers_per_block": [1, 1, 1, 10**9]}, "transformer_layers_per_block is"),
+    ("unet/config.json", {"block_out_channels": [2**40] * 4}, "block_out_channels is [1099511627776"),
+    ("unet/config.json", {"cross_attention_dim": 10**7}, "cross_attention_dim is 10000000"),
+    ("unet/config.json", {"down_block_types": ["DownBlock2D"] * 1000}, "down_block_types is ['DownBlock2D'"),
+    ("unet/config.json", {"sample_size": 10**9}, "sample_size is 1000000000"),
+    ("vae/config.json", {"layers_per_block": 10**6}, "layers_per_block is 1000000"),
+    ("vae/config.json", {"latent_channels": 10**9}, "latent_channels is 1000000000"),
+    ("vae/config.json", {"block_out_channels": [32] * 100}, "block_out_channels is [32"),
+    ("vae/config.json", {"scaling_factor": "0.18215"}, "scaling_factor is '0.18215', it must be a number above 0"),
+])
+def test_config_values_that_size_allocations_are_bounded_before_use(tiny_model_dir, monkeypatch, config, change,
+                                                                    expected):
+    path = tiny_model_dir / config
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    never_built(monkeypatch, config.split("/")[0])
+    message = one_line_error(tiny_model_dir, re.escape(expected))
+    assert message.startswith(f"{path}: ")
+
+
+def test_a_schedule_that_leaves_no_signal_is_refused(tiny_model_dir):
+    path = tiny_model_dir / SCHEDULER_CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), "trained_betas": [0.999999] * 1000}))
+    one_line_error(tiny_model_dir, "leaves no signal at the last timestep")
+
+
+@pytest.mark.parametrize("config", [SCHEDULER_CONFIG, "unet/config.json", "vae/config.json"])
+@pytest.mark.parametrize("depth, expected", [(100_000, "is nested too deeply"), (40, "nested more than 16 levels")])
+def test_deeply_nested_configs_are_one_line(tiny_model_dir, config, depth, expected):
+    path = tiny_model_dir / config
+    path.write_text('{"a": ' + "[" * depth + "]" * depth + "}")
+    message = one_line_error(tiny_model_dir, expected)
+    assert str(path) in message
+
+
+def test_a_config_larger_than_any_config_is_not_read(tiny_model_dir):
+    path = tiny_model_dir / SCHEDULER_CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), "padding": "x" * (2 << 20)}))
+    one_line_error(tiny_model_dir, "is larger than any config file")
+
+
+def test_an_empty_scheduler_folder_is_passed_over(tmp_path, tiny_model_dir, sd_turbo_base, tiny_pipeline):
+    """What an interrupted download leaves: the base's schedule is used, else SD-Turbo's built-in one."""
+    shutil.rmtree(tiny_model_dir / "scheduler")
+    (tiny_model_dir / "scheduler").mkdir()
+    pipe = DiffDISPipeline.from_pretrained(tiny_model_dir, base=None)
+    assert torch.equal(pipe.scheduler.alphas_cumprod, tiny_pipeline.scheduler.alphas_cumprod)
+    base_config = sd_turbo_base / SCHEDULER_CONFIG
+    base_config.write_text(json.dumps({**json.loads(base_config.read_text()), "num_train_timesteps": 500}))
+    assert DiffDISPipeline.from_pretrained(tiny_model_dir, base=sd_turbo_base).scheduler.config.num_train_timesteps == 500
+
+
+def test_text_encoder_sizes_come_from_its_weights(tmp_path):
+    """Config values that size the CLIP text encoder cannot make it larger than its weights file."""
+    make_text_encoder(tmp_path / "good")
+    expected = encode_empty_prompt(tmp_path / "good" / "text_encoder", tmp_path / "good" / "tokenizer")
+    make_text_encoder(tmp_path / "bad")
+    path = tmp_path / "bad" / "text_encoder" / "config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "num_hidden_layers": 3, "max_position_embeddings": 4096,
+                                "intermediate_size": 10**6}))
+    assert torch.equal(encode_empty_prompt(tmp_path / "bad" / "text_encoder", tmp_path / "bad" / "tokenizer"), expected)
+    path.write_text(json.dumps({**data, "num_attention_heads": 3}))
+    with pytest.raises(DiffDISError, match=r"config.json does not fit the text encoder in its weights \(The hidden size "
+                                           r"\(32\) is not a multiple of the number of attention heads \(3\)"):
+        encode_empty_prompt(tmp_path / "bad" / "text_encoder", tmp_path / "bad" / "tokenizer")
+
+
+@pytest.mark.parametrize("part", ["", "unet", "unet/diffusion_pytorch_model.safetensors", "vae", "vae/config.json",
+                                  EMPTY_EMBED_FILE])
+def test_unreadable_model_files_are_one_line(shared_tmp_path, official_tiny, denied_read, part):
+    """safetensors writes weights 0600: a model trained under one account and used under another."""
+    model = shared_tmp_path / "model"
+    shutil.copytree(official_tiny, model, ignore=shutil.ignore_patterns("inputs.*", "expected.*"))
+    target = model / part if part else model
+    with denied_read(target):
+        message = one_line_error(model, "permission denied")
+    assert message.startswith(f"{target}: this account may not read it") and "chmod" in message
+
+
+def test_the_cached_embedding_is_readable_by_every_account(tmp_path, official_tiny):
+    model = tmp_path / "model"
+    shutil.copytree(official_tiny, model, ignore=shutil.ignore_patterns(EMPTY_EMBED_FILE, "inputs.*", "expected.*"))
+    make_text_encoder(model)
+    mask = os.umask(0o022)
+    try:
+        DiffDISPipeline.from_pretrained(model, base=None)
+    finally:
+        os.umask(mask)
+    assert (model / EMPTY_EMBED_FILE).stat().st_mode & 0o777 == 0o644

@@ -382,6 +382,47 @@ def test_loader_names_what_an_incomplete_folder_lacks(tmp_path, monkeypatch, off
     assert "vae/config.json" in message and "empty_text_embed.safetensors (or text_encoder" in message
 
 
+def test_loader_names_a_truncated_unet(tmp_path, monkeypatch, official_tiny):
+    """An interrupted 3.65 GB download: the parameter count for the precision choice reads the header first."""
+    from diffdis_core import DiffDISError
+
+    folder = copy_tiny(official_tiny, tmp_path / "cut")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    monkeypatch.setenv(services.MODELS_DIR_ENV, str(tmp_path))
+    for load in (lambda: run("DiffDISLoader", model="cut", precision="auto", device="auto"),
+                 lambda: models.unet_parameter_count(folder)):
+        with pytest.raises(DiffDISError) as excinfo:
+            load()
+        assert error_message(excinfo).startswith(f"{weights} is truncated: {size // 2:,} of {size:,} bytes")
+
+
+@pytest.mark.parametrize("part", ["", "vae", "unet/diffusion_pytorch_model.safetensors"])
+def test_loader_names_an_unreadable_model_folder_or_file(shared_tmp_path, monkeypatch, official_tiny, denied_read,
+                                                         part):
+    from diffdis_core import DiffDISError
+
+    folder = copy_tiny(official_tiny, shared_tmp_path / "private")
+    monkeypatch.setenv(services.MODELS_DIR_ENV, str(shared_tmp_path))
+    target = folder / part if part else folder
+    with denied_read(target), pytest.raises(DiffDISError) as excinfo:
+        run("DiffDISLoader", model="private", precision="fp32", device="cpu")
+    message = error_message(excinfo)
+    assert message.startswith(f"{target}: this account may not read it (permission denied)") and "chmod" in message
+
+
+def test_every_layout_help_agrees_with_the_cores_layout_table():
+    from diffdis_core import hub, spec
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("A model folder")[1].split("```")[1]
+    guide = (ROOT / "docs" / "comfyui.md").read_text(encoding="utf-8").split("└── DiffDIS/")[1].split("```")[0]
+    for text in (models.tree_help("DiffDIS"), hub.LAYOUT_HELP, readme, guide):
+        assert spec.EMPTY_EMBED_FILE in text
+        for part, names in spec.MODEL_FOLDER_LAYOUT.items():
+            assert part + "/" in text and all(name in text for name in names), (part, text)
+
+
 @pytest.mark.parametrize("option, value", [("precision", "fp8"), ("device", "cuda:7")])
 def test_loader_rejects_unknown_options(option, value):
     from diffdis_core import DiffDISError
