@@ -1,0 +1,206 @@
+"""What the pack ships besides its code: the subgraph blueprint (subgraphs/*.json, which ComfyUI >= 0.21
+lists at /global_subgraphs), the template thumbnails, the icon, the Registry metadata in pyproject.toml
+and the licence statements.
+
+The blueprint is checked against the pack's own node definitions (imported as ComfyUI imports the
+pack, through tests/test_workflows.py) and its inner graph is run on the tiny fixture model.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBGRAPHS = ROOT / "subgraphs"
+BLUEPRINT = SUBGRAPHS / "Remove Background (DiffDIS).json"
+INPUT_NODE, OUTPUT_NODE = -10, -20  # the ids LiteGraph gives a subgraph's input and output nodes
+
+
+def _test_workflows():
+    """tests/test_workflows.py: the pack as ComfyUI imports it, its widget rules and the graph runner."""
+    path = Path(__file__).with_name("test_workflows.py")
+    spec = importlib.util.spec_from_file_location("diffdis_test_workflows_for_packaging", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+workflows = _test_workflows()
+comfy_dirs = workflows.comfy_dirs  # models/input/output folders like ComfyUI's, no ComfyUI importable
+
+
+def load_blueprint(path: Path = BLUEPRINT) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def the_subgraph(blueprint: dict) -> dict:
+    (definition,) = blueprint["definitions"]["subgraphs"]
+    return definition
+
+
+# ---------------------------------------------------------------------------- the blueprint
+def test_the_pack_ships_one_blueprint_named_after_its_subgraph():
+    assert sorted(p.name for p in SUBGRAPHS.iterdir()) == [BLUEPRINT.name]
+    blueprint = load_blueprint()
+    definition = the_subgraph(blueprint)
+    # The node library shows the file name (ComfyUI's subgraph_manager), the canvas the subgraph's name.
+    assert definition["name"] == BLUEPRINT.stem == "Remove Background (DiffDIS)"
+    assert definition["description"] and definition["category"] == \
+        "Image generation and editing/Background Removal"  # beside core's Remove Background (BiRefNet)
+    (outer,) = blueprint["nodes"]
+    assert outer["type"] == definition["id"] and outer["title"] == definition["name"]
+    assert blueprint["links"] == [] and blueprint["version"] == 0.4
+
+
+def test_blueprint_takes_an_image_and_gives_the_cutout_and_its_mask():
+    blueprint = load_blueprint()
+    definition = the_subgraph(blueprint)
+    assert [(i["name"], i["type"]) for i in definition["inputs"]] == [("image", "IMAGE"), ("model", "COMBO")]
+    assert [(o["name"], o["type"]) for o in definition["outputs"]] == [("cutout", "IMAGE"), ("mask", "MASK")]
+    (outer,) = blueprint["nodes"]
+    assert [(i["name"], i["type"]) for i in outer["inputs"]] == [(i["name"], i["type"]) for i in definition["inputs"]]
+    assert [(o["name"], o["type"]) for o in outer["outputs"]] == \
+        [(o["name"], o["type"]) for o in definition["outputs"]]
+    nodes = {node["id"]: node for node in definition["nodes"]}
+    links = {link["id"]: link for link in definition["links"]}
+    # The cutout is Remove Background's image with background "alpha" (RGBA), the mask its mask output.
+    (cutout_link,) = definition["outputs"][0]["linkIds"]
+    (mask_link,) = definition["outputs"][1]["linkIds"]
+    remove = nodes[links[cutout_link]["origin_id"]]
+    assert remove["type"] == "DiffDISRemoveBackground" and links[cutout_link]["origin_slot"] == 0
+    assert (links[mask_link]["origin_id"], links[mask_link]["origin_slot"]) == (remove["id"], 1)
+    widgets = dict(zip(workflows.our_widgets("DiffDISRemoveBackground"), remove["widgets_values"], strict=True))
+    assert widgets["background"] == "alpha"
+    assert widgets["processing_res"] == workflows.segmentation.spec.DEFAULT_PROCESSING_RES  # as trained
+
+
+def test_blueprint_promotes_the_model_choice_as_a_widget():
+    blueprint = load_blueprint()
+    definition = the_subgraph(blueprint)
+    nodes = {node["id"]: node for node in definition["nodes"]}
+    links = {link["id"]: link for link in definition["links"]}
+    (model_link,) = definition["inputs"][1]["linkIds"]
+    loader = nodes[links[model_link]["target_id"]]
+    assert loader["type"] == "DiffDISLoader"
+    socket = loader["inputs"][links[model_link]["target_slot"]]
+    assert socket["name"] == "model" and socket["widget"] == {"name": "model"} and socket["link"] == model_link
+    (outer,) = blueprint["nodes"]
+    assert outer["properties"]["proxyWidgets"] == [[str(loader["id"]), "model"]]
+    assert outer["inputs"][1]["widget"] == {"name": "model"}
+    # A fresh install has only the download entry; it is what the blueprint starts with.
+    assert loader["widgets_values"][0] == workflows.models.DOWNLOAD_ENTRY
+    (entry,) = loader["properties"]["models"]
+    assert entry == {"name": "DiffDIS", "url": "https://huggingface.co/qianyu1217/diffdis", "directory": "diffdis"}
+
+
+def test_blueprint_nodes_and_widgets_match_the_node_definitions():
+    definition = the_subgraph(load_blueprint())
+    for node in definition["nodes"]:
+        cls = workflows.OUR_NODES[node["type"]]
+        inputs = workflows.all_inputs(cls)
+        names = workflows.our_widgets(node["type"])
+        assert len(node["widgets_values"]) == len(names), node["type"]
+        for name, value in zip(names, node["widgets_values"], strict=True):
+            if name.startswith("["):
+                continue  # UI-only (the seed's control_after_generate)
+            kind, options = inputs[name][0], inputs[name][1]
+            if isinstance(kind, list):
+                assert value in kind, (node["type"], name, value)
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= value <= options["max"], (node["type"], name, value)
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool), (node["type"], name, value)
+        for socket in node["inputs"]:
+            kind = inputs[socket["name"]][0]
+            assert socket["type"] == ("COMBO" if isinstance(kind, list) else kind), (node["type"], socket)
+            assert ("widget" in socket) == (socket["name"] in names), (node["type"], socket)
+        non_widget_inputs = [name for name in inputs if name not in names]
+        assert [s["name"] for s in node["inputs"] if "widget" not in s] == non_widget_inputs, node["type"]
+        # Outputs in the node's order; a later version may append more (the V3 migration may).
+        declared = list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES, strict=True))
+        assert [(o["name"], o["type"]) for o in node["outputs"]] == declared[:len(node["outputs"])]
+        assert node["properties"]["Node name for S&R"] == node["type"]
+
+
+def test_blueprint_links_are_consistent():
+    definition = the_subgraph(load_blueprint())
+    nodes = {node["id"]: node for node in definition["nodes"]}
+    links = {link["id"]: link for link in definition["links"]}
+    assert len(links) == len(definition["links"])
+    state = definition["state"]
+    assert state["lastNodeId"] >= max(nodes) and state["lastLinkId"] >= max(links)
+    for link in links.values():
+        if link["origin_id"] == INPUT_NODE:
+            source = definition["inputs"][link["origin_slot"]]
+            assert link["id"] in source["linkIds"]
+        else:
+            source = nodes[link["origin_id"]]["outputs"][link["origin_slot"]]
+            assert link["id"] in source["links"]
+        if link["target_id"] == OUTPUT_NODE:
+            target = definition["outputs"][link["target_slot"]]
+            assert target["linkIds"] == [link["id"]]
+        else:
+            target = nodes[link["target_id"]]["inputs"][link["target_slot"]]
+            assert target["link"] == link["id"]
+        assert source["type"] == target["type"] == link["type"], link
+    # Every reference to a link is to one that exists, and every input of every node is connected.
+    referenced = [i for io in definition["inputs"] + definition["outputs"] for i in io["linkIds"]]
+    for node in nodes.values():
+        referenced += [s["link"] for s in node["inputs"] if s["link"] is not None]
+        referenced += [i for o in node["outputs"] for i in (o["links"] or [])]
+        required = workflows.OUR_NODES[node["type"]].INPUT_TYPES()["required"]
+        widgets = workflows.our_widgets(node["type"])
+        assert all(any(s["name"] == name and s["link"] is not None for s in node["inputs"])
+                   for name in required if name not in widgets), node["type"]
+    assert set(referenced) == set(links)
+
+
+def blueprint_to_api(definition: dict, image_node: str) -> tuple[dict, dict]:
+    """The prompt ComfyUI's frontend sends for the blueprint placed on a canvas: its inner nodes with
+    their widget values (a promoted widget keeps the inner node's value), the subgraph's image input
+    taken from ``image_node``. Also where each subgraph output comes from, as [node id, slot]."""
+    links = {link["id"]: link for link in definition["links"]}
+    prompt = {}
+    for node in definition["nodes"]:
+        names = workflows.our_widgets(node["type"])
+        inputs = {name: value for name, value in zip(names, node["widgets_values"], strict=True)
+                  if not name.startswith("[")}
+        for socket in node["inputs"]:
+            link = links.get(socket["link"])
+            if link is None or "widget" in socket:
+                continue
+            if link["origin_id"] == INPUT_NODE:
+                assert definition["inputs"][link["origin_slot"]]["type"] == "IMAGE"
+                inputs[socket["name"]] = [image_node, 0]
+            else:
+                inputs[socket["name"]] = [str(link["origin_id"]), link["origin_slot"]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    outputs = {}
+    for output in definition["outputs"]:
+        (link_id,) = output["linkIds"]
+        outputs[output["name"]] = [str(links[link_id]["origin_id"]), links[link_id]["origin_slot"]]
+    return prompt, outputs
+
+
+def test_blueprint_graph_cuts_out_an_image_on_the_tiny_model(comfy_dirs):
+    width, height = 56, 40
+    picture = np.zeros((height, width, 3), np.uint8)
+    picture[..., 2] = np.linspace(0, 255, width, dtype=np.uint8)[None]
+    picture[8:32, 12:44] = (230, 200, 40)
+    Image.fromarray(picture).save(comfy_dirs / "input" / "test.png")
+    prompt, outputs = blueprint_to_api(the_subgraph(load_blueprint()), image_node="100")
+    assert "100" not in prompt
+    prompt["100"] = {"class_type": "LoadImage", "inputs": {"image": "test.png"}}
+    workflows.for_tiny_model(prompt)
+
+    results = workflows.execute(prompt, workflows.CORE_STUBS)
+
+    cutout = results[outputs["cutout"][0]][outputs["cutout"][1]]
+    mask = results[outputs["mask"][0]][outputs["mask"][1]]
+    assert cutout.shape == (1, height, width, 4) and mask.shape == (1, height, width)
+    torch.testing.assert_close(cutout[..., 3], mask)  # straight alpha: the mask is the cutout's alpha
+    assert mask.max() > mask.min()
