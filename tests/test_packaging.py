@@ -6,11 +6,16 @@ The blueprint is checked against the pack's own node definitions (imported as Co
 pack, through tests/test_workflows.py) and its inner graph is run on the tiny fixture model.
 """
 
+import ast
 import importlib.util
+import io
 import json
+import re
+import tokenize
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -204,3 +209,126 @@ def test_blueprint_graph_cuts_out_an_image_on_the_tiny_model(comfy_dirs):
     assert cutout.shape == (1, height, width, 4) and mask.shape == (1, height, width)
     torch.testing.assert_close(cutout[..., 3], mask)  # straight alpha: the mask is the cutout's alpha
     assert mask.max() > mask.min()
+
+
+# ---------------------------------------------------------------------------- Registry metadata
+# The rules of the Comfy Registry's pyproject.toml specification (docs.comfy.org/registry/specifications)
+# and of what `comfy node validate` (comfy-cli) checks, without comfy-cli: .ci/run also runs it when it can.
+SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
+# comfy-cli's pattern for requires-comfyui: comma-separated [operator]major.minor.patch[-suffix]
+VERSION_PART = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?$")
+OS_PREFIXES = ("Microsoft", "POSIX", "MacOS", "OS Independent")
+ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend",
+                "GPU :: Apple Metal"}
+ICON = ROOT / "docs" / "images" / "icon.png"
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_project_name_version_and_description_follow_the_registry_rules(pyproject):
+    project = pyproject["project"]
+    name = project["name"]
+    assert len(name) < 100 and re.fullmatch(r"[A-Za-z0-9._-]+", name) and name[0].isalpha()
+    assert not re.search(r"[._-]{2}", name)  # no consecutive special characters
+    assert SEMVER.match(project["version"])
+    assert project["description"] and project["requires-python"]
+
+
+def test_licence_is_declared_in_a_form_the_registry_reads(pyproject):
+    licence = pyproject["project"]["license"]
+    # An SPDX expression (PEP 639; comfy-cli reads a string as the licence's text) with its file, or the
+    # Registry's documented tables.
+    if isinstance(licence, str):
+        assert licence == "MIT" and pyproject["project"]["license-files"] == ["LICENSE"]
+    else:
+        assert set(licence) <= {"file", "text"} and any(licence.values())
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+
+
+def test_classifiers_are_ones_the_registry_understands(pyproject):
+    classifiers = pyproject["project"].get("classifiers", [])
+    for classifier in classifiers:
+        if classifier.startswith("Operating System :: "):
+            assert classifier.removeprefix("Operating System :: ").startswith(OS_PREFIXES), classifier
+        if classifier.startswith("Environment ::"):
+            assert classifier.removeprefix("Environment :: ") in ACCELERATORS, classifier
+
+
+def test_dependencies_are_the_requirements(pyproject):
+    """The Registry lists pyproject's dependencies; ComfyUI-Manager installs requirements.txt."""
+    lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert pyproject["project"]["dependencies"] == requirements
+
+
+def oldest_comfyui_tried() -> str:
+    """The oldest version named in the integration test's "(... were tried)" note."""
+    text = (ROOT / "tests" / "test_comfyui_integration.py").read_text(encoding="utf-8")
+    (tried,) = re.findall(r"\(([^()]*) were tried\)", text)
+    versions = re.findall(r"\d+\.\d+\.\d+", tried)
+    assert versions, tried
+    return min(versions, key=lambda v: tuple(int(part) for part in v.split(".")))
+
+
+def test_tool_comfy_section(pyproject):
+    comfy = pyproject["tool"]["comfy"]
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", comfy["PublisherId"]) and comfy["DisplayName"]
+    requirement = comfy["requires-comfyui"]
+    assert all(VERSION_PART.match(part.strip()) for part in requirement.split(","))
+    assert requirement == f">={oldest_comfyui_tried()}"  # what the pack has actually run in
+    # includes adds untracked folders to the Registry's archive; each must exist.
+    assert all((ROOT / entry).exists() for entry in comfy["includes"])
+    # The icon is a URL; the file it points to is docs/images/icon.png in the public repository, so
+    # it is set together with that repository's address.
+    repository = pyproject["project"].get("urls", {}).get("Repository", "")
+    if repository or comfy["Icon"]:
+        assert repository.startswith("https://github.com/"), "set [project.urls] Repository with Icon"
+        owner_and_name = repository.removeprefix("https://github.com/").removesuffix(".git")
+        assert comfy["Icon"] == f"https://raw.githubusercontent.com/{owner_and_name}/main/docs/images/icon.png"
+
+
+def test_icon_is_square_small_and_made_by_its_script():
+    make_icon = _load_script("make_icon")
+    with Image.open(ICON) as icon:
+        assert icon.format == "PNG" and icon.size[0] == icon.size[1] <= 400
+        committed = np.asarray(icon.convert("RGBA"), dtype=np.float32)
+    drawn = np.asarray(make_icon.make_icon().convert("RGBA"), dtype=np.float32)
+    assert drawn.shape == committed.shape
+    assert np.abs(drawn - committed).mean() < 1.0  # the same picture (resampling may differ by a level)
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"diffdis_docs_{name}", ROOT / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def python_files() -> list[Path]:
+    """The pack's Python files: everything but virtual environments and git's own folder."""
+    def ours(path: Path) -> bool:
+        return not any(part == ".git" or "venv" in part or part == "site-packages"
+                       for part in path.relative_to(ROOT).parts)
+
+    return sorted(path for path in ROOT.rglob("*.py") if ours(path))
+
+
+def test_no_exec_eval_or_semicolon_statements():
+    """comfy-cli's security check before publishing (ruff S102, S307, E702: "will soon be an error")."""
+    offences = []
+    for path in python_files():
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("exec", "eval"):
+                offences.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.func.id}()")
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.OP and token.string == ";":
+                offences.append(f"{path.relative_to(ROOT)}:{token.start[0]}: statements separated by ';'")
+    assert not offences, offences
