@@ -332,3 +332,47 @@ def test_no_exec_eval_or_semicolon_statements():
             if token.type == tokenize.OP and token.string == ";":
                 offences.append(f"{path.relative_to(ROOT)}:{token.start[0]}: statements separated by ';'")
     assert not offences, offences
+
+
+# ---------------------------------------------------------------------------- pictures
+TEMPLATE_NAMES = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def make_thumbnails():
+    return _load_script("make_thumbnails")
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_thumbnail_is_the_drawn_illustration_of_its_template(make_thumbnails, name):
+    """Each card is what docs/make_thumbnails.py draws from the template (square, marked as an
+    illustration), not a screenshot of a run: a replaced or stale picture fails here."""
+    with Image.open(ROOT / "workflows" / f"{name}.jpg") as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.size == (make_thumbnails.SIZE,) * 2
+        assert thumbnail.info.get("comment") == make_thumbnails.MARK.encode()
+        committed = np.asarray(thumbnail.convert("RGB"), dtype=np.float32)
+    drawn = np.asarray(make_thumbnails.make_thumbnail(name, make_thumbnails.display_names()), dtype=np.float32)
+    assert np.abs(drawn - committed).mean() < 3.0  # JPEG and font rendering differ by a few levels at most
+
+
+def test_thumbnail_panels_show_the_true_mask_of_the_drawn_picture(make_thumbnails):
+    """The "mask" panel is the test picture's exact matte and the cutout is that picture under it:
+    no model is involved."""
+    from benchmarks.synthetic_composites import make_composite
+
+    workflow = json.loads((ROOT / "workflows" / "remove_background.json").read_text(encoding="utf-8"))
+    panels = dict(make_thumbnails.panels_for(workflow))
+    height, width = make_thumbnails.PICTURE
+    truth = make_composite(height, width, seed=0, noise=0.005)["alpha"][0, 0].numpy()
+    mask = np.asarray(panels["mask"].convert("L"), dtype=np.float32) / 255
+    assert np.abs(mask - truth).max() <= 1 / 255 + 1e-6
+
+
+def test_readme_figures_exist_and_are_drawn_by_a_script_in_docs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert figures
+    scripts = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs").glob("make_*.py"))
+    for figure in figures:
+        assert (ROOT / figure).is_file(), figure
+        assert Path(figure).name in scripts, f"{figure}: no docs/make_*.py writes it"
