@@ -376,3 +376,16 @@ def test_readme_figures_exist_and_are_drawn_by_a_script_in_docs():
     for figure in figures:
         assert (ROOT / figure).is_file(), figure
         assert Path(figure).name in scripts, f"{figure}: no docs/make_*.py writes it"
+
+
+# ---------------------------------------------------------------------------- licences
+def test_readme_states_the_licences_of_the_code_the_weights_and_sd_turbo_with_sources():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Licence and credits", 1)[1].split("\n## ", 1)[0]
+    assert "MIT licence (`LICENSE`)" in section
+    for source in ("https://github.com/qianyu-dlut/DiffDIS/blob/main/LICENSE",
+                   "https://huggingface.co/qianyu1217/diffdis",
+                   "https://huggingface.co/stabilityai/sd-turbo/blob/main/LICENSE.md",
+                   "https://stability.ai/use-policy"):
+        assert f"]({source})" in section, source
+    assert "Stability AI Community License" in section
