@@ -168,14 +168,16 @@ def test_blueprint_links_are_consistent():
     assert set(referenced) == set(links)
 
 
-def blueprint_to_api(definition: dict, image_node: str) -> tuple[dict, dict]:
+def blueprint_to_api(definition: dict, image_node: str, widget_names=None) -> tuple[dict, dict]:
     """The prompt ComfyUI's frontend sends for the blueprint placed on a canvas: its inner nodes with
     their widget values (a promoted widget keeps the inner node's value), the subgraph's image input
-    taken from ``image_node``. Also where each subgraph output comes from, as [node id, slot]."""
+    taken from ``image_node``. Also where each subgraph output comes from, as [node id, slot].
+    ``widget_names(node type)``: the pack's own definitions unless given (a server's /object_info)."""
+    widget_names = widget_names or workflows.our_widgets
     links = {link["id"]: link for link in definition["links"]}
     prompt = {}
     for node in definition["nodes"]:
-        names = workflows.our_widgets(node["type"])
+        names = widget_names(node["type"])
         inputs = {name: value for name, value in zip(names, node["widgets_values"], strict=True)
                   if not name.startswith("[")}
         for socket in node["inputs"]:
