@@ -1,6 +1,6 @@
-"""What the pack ships besides its code: the subgraph blueprint (subgraphs/*.json, which ComfyUI >= 0.21
-lists at /global_subgraphs), the template thumbnails, the icon, the Registry metadata in pyproject.toml
-and the licence statements.
+"""What the pack ships besides its code: the subgraph blueprint (subgraphs/*.json, which ComfyUI lists at
+/global_subgraphs for the node library), the template thumbnails, the icon, the Registry metadata in
+pyproject.toml and the licence statements.
 
 The blueprint is checked against the pack's own node definitions (imported as ComfyUI imports the
 pack, through tests/test_workflows.py) and its inner graph is run on the tiny fixture model.
