@@ -38,7 +38,7 @@ def main() -> None:
     background = torch.tensor(NEW_BACKGROUND).view(1, 3, 1, 1)
     plain = alpha * image + (1 - alpha) * background
     clean = alpha * estimate_foreground(image, alpha) + (1 - alpha) * background
-    panels = [("the photo", image), ("new background, image's pixels", plain),
+    panels = [("synthetic picture", image), ("new background, image's pixels", plain),
               ("new background, estimate_foreground", clean)]
     crops = [(label, to_image(rgb[..., CROP[0], CROP[1]])) for label, rgb in panels]
     width, height = crops[0][1].size

@@ -434,3 +434,68 @@ def test_cancel_stops_a_long_batch_inside_the_model(comfyui):
     print(f"\nCancel took {latency:.2f} s to stop the prompt (tiny model, 16 frames at 1024²)")
     assert entry["status"]["status_str"] == "error"
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+
+
+def _test_packaging():
+    """tests/test_packaging.py, for the blueprint's UI -> API conversion."""
+    path = Path(__file__).with_name("test_packaging.py")
+    spec = importlib.util.spec_from_file_location("diffdis_test_packaging", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _blueprints() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted((ROOT / "subgraphs").glob("*.json"))}
+
+
+def test_the_blueprint_is_listed_by_global_subgraphs(comfyui):
+    """ComfyUI lists <pack>/subgraphs/*.json at /global_subgraphs (what the frontend's node library
+    loads), under the pack's folder name, and serves each file as shipped."""
+    listed = comfyui.get("/global_subgraphs")
+    ours = {key: entry for key, entry in listed.items() if entry["info"]["node_pack"] == f"custom_nodes.{PACK_FOLDER}"}
+    blueprints = _blueprints()
+    assert sorted(entry["name"] for entry in ours.values()) == sorted(blueprints) == ["Remove Background (DiffDIS)"]
+    for key, entry in ours.items():
+        assert entry["source"] == "custom_node" and "path" not in entry  # no server path leaks
+        served = comfyui.get(f"/global_subgraphs/{key}")
+        assert json.loads(served["data"]) == blueprints[entry["name"]]
+    print(f"\n/global_subgraphs: {len(listed)} entries, ours: {sorted(e['name'] for e in ours.values())}")
+
+
+def test_the_blueprint_matches_comfyuis_node_definitions_and_runs(comfyui):
+    """The blueprint's inner nodes read with the server's own definitions (widget counts, choices), then
+    its graph as the frontend sends it, on the test picture: an RGBA cutout whose alpha is the mask."""
+    info = comfyui.get("/object_info")
+    workflows, packaging = _test_workflows(), _test_packaging()
+
+    def real_widget_names(class_type):
+        return workflows.widgets_from_input_types(info[class_type]["input"])
+
+    (blueprint,) = _blueprints().values()
+    definition = packaging.the_subgraph(blueprint)
+    for node in definition["nodes"]:
+        assert len(node["widgets_values"]) == len(real_widget_names(node["type"])), node["type"]
+    prompt, outputs = packaging.blueprint_to_api(definition, image_node="100", widget_names=real_widget_names)
+    loader = next(node for node in prompt.values() if node["class_type"] == "DiffDISLoader")
+    assert loader["inputs"]["model"] in info["DiffDISLoader"]["input"]["required"]["model"][0]
+    loader["inputs"]["model"] = "tiny"
+    for node in prompt.values():
+        if "processing_res" in node["inputs"]:
+            node["inputs"]["processing_res"] = 64
+    prompt["100"] = {"class_type": "LoadImage", "inputs": {"image": "diffdis_test.png"}}
+    prompt["101"] = {"class_type": "SaveImage", "inputs": {"images": outputs["cutout"],
+                                                           "filename_prefix": "DiffDIS/blueprint_cutout"}}
+    prompt["102"] = {"class_type": "MaskToImage", "inputs": {"mask": outputs["mask"]}}
+    prompt["103"] = {"class_type": "SaveImage", "inputs": {"images": ["102", 0],
+                                                           "filename_prefix": "DiffDIS/blueprint_mask"}}
+    entry = comfyui.run_prompt(prompt)
+    saved = {}
+    for node_id in ("101", "103"):
+        (image,) = entry["outputs"][node_id]["images"]
+        with Image.open(comfyui.base / "output" / image["subfolder"] / image["filename"]) as picture:
+            saved[node_id] = (picture.mode, picture.size, np.asarray(picture))
+    mode, size, cutout = saved["101"]
+    assert mode == "RGBA" and size == IMAGE_SIZE
+    np.testing.assert_array_equal(cutout[..., 3], saved["103"][2][..., 0])  # the mask is the cutout's alpha
+    assert cutout[..., 3].max() > cutout[..., 3].min()
