@@ -114,6 +114,12 @@ def vae_dtype(dtype: torch.dtype, force_upcast: bool = True) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
+def vae_force_upcast(vae_config) -> bool:
+    """Whether a VAE runs in float32 where the model runs in float16: its config's ``force_upcast``, and
+    yes where the config does not say (the SD VAEs overflow in float16). Inference and training both ask here."""
+    return bool(vae_config.get("force_upcast", True))
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 _allocator_lock = threading.Lock()
