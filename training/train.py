@@ -536,7 +536,7 @@ class Training:
         import torch
 
         from diffdis_core import DiffDISPipeline
-        from diffdis_core.devices import DTYPES, vae_dtype, vae_force_upcast
+        from diffdis_core.devices import vae_under_autocast
 
         from .data import Augmentation, CutMixCollate, DISTrainDataset, EpochShuffleSampler
         from .recipe import lr_multiplier, optimizer_param_groups
@@ -551,10 +551,7 @@ class Training:
         if args.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         self.embed = model.embed.to(accelerator.device)
-        # The pipeline's upcast rule: autocast the VAE unless it must stay in float32 (fp16, force_upcast).
-        autocast_dtype = DTYPES.get(accelerator.mixed_precision)
-        self.vae_autocast = autocast_dtype is not None and vae_dtype(
-            autocast_dtype, vae_force_upcast(model.vae.config)) == autocast_dtype
+        self.vae_autocast = vae_under_autocast(accelerator.mixed_precision, model.vae.config)  # the upcast rule
 
         augmentation = Augmentation(flip=not args.no_flip, crop=not args.no_crop, rotation=not args.no_rotation,
                                     rotation_prob=args.rotation_prob, color=not args.no_color_jitter,
