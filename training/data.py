@@ -21,7 +21,8 @@ from PIL import Image, ImageEnhance, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from diffdis_core import DiffDISError
-from diffdis_core.image_io import IMAGE_EXTENSIONS
+from diffdis_core.image_io import IMAGE_EXTENSIONS, save_image
+
 DIS5K_SPLITS = ["DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"]
 LAYOUT_HINT = "expected DIS5K layout (<dataset>/<split>/im/*.jpg + gt/*.png) or a folder with im/ and gt/"
 
@@ -209,9 +210,7 @@ class _EdgeJobs(Dataset):
         sample = self.samples[index]
         target = edge_path(self.folder, sample)
         edge = edge_map(np.asarray(load_mask(sample.mask)))
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.png")
-        Image.fromarray(edge, "L").save(tmp)
-        os.replace(tmp, target)  # atomic: a killed run never leaves a truncated edge map
+        save_image(Image.fromarray(edge, "L"), target)  # atomic: a killed run never leaves a truncated edge map
         return index
 
 
