@@ -37,6 +37,7 @@ def measure(resolution: int, batch: int, precision: str, checkpointing: bool, de
 
     from diffdis_core import DiffDISPipeline, DiffDISUNet
     from diffdis_core.configs import SD_TURBO_SCHEDULER_CONFIG, SD_TURBO_UNET_CONFIG
+    from diffdis_core.devices import vae_under_autocast
     from training.recipe import encode_batch, one_step_losses, optimizer_param_groups, pyramid_noise_like
 
     accelerator = Accelerator(mixed_precision=precision, cpu=device_name == "cpu")
@@ -56,7 +57,7 @@ def measure(resolution: int, batch: int, precision: str, checkpointing: bool, de
     unet.train()
     optimizer = torch.optim.Adam(optimizer_param_groups(unet, 3e-5))
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    vae_autocast = precision == "bf16"  # as train.py: the SD VAE stays fp32 under fp16 (force_upcast)
+    vae_autocast = vae_under_autocast(precision, vae.config)  # as train.py (the SD VAE stays fp32 under fp16)
 
     image = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     mask = (torch.rand(batch, 1, resolution, resolution, device=device) > 0.5).float() * 2 - 1

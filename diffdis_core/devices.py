@@ -114,6 +114,19 @@ def vae_dtype(dtype: torch.dtype, force_upcast: bool = True) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
+def vae_force_upcast(vae_config) -> bool:
+    """Whether a VAE runs in float32 where the model runs in float16: its config's ``force_upcast``, and
+    yes where the config does not say (the SD VAEs overflow in float16). Inference and training both ask here."""
+    return bool(vae_config.get("force_upcast", True))
+
+
+def vae_under_autocast(mixed_precision: str, vae_config) -> bool:
+    """Whether a training step's autocast (accelerate's ``mixed_precision``: no, fp16, bf16) may cover the
+    VAE too: not where the upcast rule keeps it in float32."""
+    dtype = DTYPES.get(mixed_precision)
+    return dtype is not None and vae_dtype(dtype, vae_force_upcast(vae_config)) == dtype
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 _allocator_lock = threading.Lock()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .devices import pick_device
 from .errors import DiffDISError
 
 if TYPE_CHECKING:
@@ -64,3 +65,16 @@ def make_accelerator(cpu: bool = False, **kwargs: Any) -> Accelerator:
     accelerator = Accelerator(cpu=_use_cpu(cpu), **kwargs)
     _check_world(accelerator.num_processes)
     return accelerator
+
+
+def process_device(name: str = "auto") -> tuple[PartialState | None, torch.device]:
+    """The device choice of the command lines: (accelerate's process state, this process's device) under a
+    multi-process launch, where each process takes the launch's device (``name`` auto, or cpu to stay on
+    the CPU); (None, ``pick_device(name)``) for a single process."""
+    if launched_world_size() <= 1:
+        return None, pick_device(name)
+    if name not in ("auto", "cpu"):
+        raise DiffDISError(f"--device {name}: under accelerate launch each process takes its own device; "
+                           "use --device auto (or cpu)")
+    state = process_state(cpu=name == "cpu")
+    return state, state.device

@@ -267,3 +267,13 @@ def make_temporary_folder(target: str | os.PathLike) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent))
     folder.chmod(0o777 & ~_umask())
     return folder
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions the umask asks for: for what a
+    library wrote into a temporary folder of ours (safetensors' ``save_file`` makes its files 0600)."""
+    path = Path(path)
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .configs import LATENT_SCALE_FACTOR
-from .devices import check_compiler, pick_dtype, reuse_freed_memory, vae_dtype
+from .devices import check_compiler, pick_dtype, reuse_freed_memory, vae_dtype, vae_force_upcast
 from .ensemble import ENSEMBLE_METHODS, ensemble_maps
 from .errors import DiffDISError
 from .image_io import pil_to_rgb_tensor
@@ -174,6 +174,25 @@ def _reusing_freed_memory(method):
     return wrapper
 
 
+def predict_x0(unet: torch.nn.Module, scheduler: DDPMScheduler, empty_text_embed: torch.Tensor,
+               rgb_latents: Sequence[torch.Tensor], noisy: torch.Tensor) -> torch.Tensor:
+    """The DiffDIS step, for inference and training alike: the UNet's epsilon at t = T - 1 for ``noisy``
+    [2B, 4, h, w] (mask items, then edge items) conditioned on the RGB latents (B at each of the 4 scales),
+    and x̂0 from it in float32, whatever the UNet's or autocast's dtype."""
+    batch = noisy.shape[0] // 2
+    device, dtype = noisy.device, noisy.dtype
+    t = scheduler.config.num_train_timesteps - 1
+    eps = unet(
+        torch.cat([rgb_latents[0].repeat(2, 1, 1, 1), noisy], dim=1),
+        torch.full((2 * batch,), t, device=device, dtype=torch.long),
+        encoder_hidden_states=empty_text_embed.to(device, dtype).expand(2 * batch, -1, -1),
+        class_labels=bde_labels(batch, device, dtype),
+        rgb_token=[r.repeat(2, 1, 1, 1) for r in rgb_latents],
+    ).sample
+    alpha = scheduler.alphas_cumprod[t].to(device, torch.float32)
+    return (noisy.float() - (1 - alpha).sqrt() * eps.float()) / alpha.sqrt()
+
+
 def view_side(processing_res: int, scale: float) -> int:
     """A TTA view's side, as ttach scales it (``int(side * scale)``)."""
     return int(processing_res * scale)
@@ -239,7 +258,7 @@ class DiffDISPipeline(DiffusionPipeline):
         # nn.Module.to: casting through DiffusionPipeline.to would round the VAE through float16.
         torch.nn.Module.to(self.unet, device=device, dtype=dtype)
         torch.nn.Module.to(self.vae, device=device,
-                           dtype=vae_dtype(dtype, bool(self.vae.config.get("force_upcast", True))))
+                           dtype=vae_dtype(dtype, vae_force_upcast(self.vae.config)))
         if device is not None:
             self.set_channels_last(torch.device(device).type in ("cpu", "cuda"))
         return self
@@ -377,18 +396,7 @@ class DiffDISPipeline(DiffusionPipeline):
     def one_step(self, rgb_latents: Sequence[torch.Tensor], noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_T (= noise) -> x̂0 for the mask and edge streams, from one UNet call at t = T - 1."""
         batch = noise.shape[0]
-        device = noise.device
-        t = self.scheduler.config.num_train_timesteps - 1
-        noisy = noise.repeat(2, 1, 1, 1)
-        eps = self.unet(
-            torch.cat([rgb_latents[0].repeat(2, 1, 1, 1), noisy], dim=1),
-            torch.full((2 * batch,), t, device=device, dtype=torch.long),
-            encoder_hidden_states=self.empty_text_embed.to(device, self.dtype).expand(2 * batch, -1, -1),
-            class_labels=bde_labels(batch, device, self.dtype),
-            rgb_token=[r.repeat(2, 1, 1, 1) for r in rgb_latents],
-        ).sample
-        alpha = self.scheduler.alphas_cumprod[t].to(device, torch.float32)
-        x0 = (noisy.float() - (1 - alpha).sqrt() * eps.float()) / alpha.sqrt()
+        x0 = predict_x0(self.unet, self.scheduler, self.empty_text_embed, rgb_latents, noise.repeat(2, 1, 1, 1))
         if not torch.isfinite(x0).all():
             raise DiffDISError(NON_FINITE_HELP)
         return x0[:batch].to(self.dtype), x0[batch:].to(self.dtype)
@@ -553,5 +561,5 @@ def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "DiffDISCondition", "DiffDISLatents", "DiffDISOutput", "DiffDISPipeline", "SegmentationView",
-    "bde_labels", "minmax_normalize", "to_image_batch",
+    "bde_labels", "minmax_normalize", "predict_x0", "to_image_batch",
 ]

@@ -50,3 +50,25 @@ def test_from_pretrained_auto_uses_the_rule(official_tiny, monkeypatch, native):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native})
     pipe = DiffDISPipeline.from_pretrained(official_tiny, base=None, torch_dtype="auto")
     assert pipe.dtype == pipe.vae_dtype == (torch.bfloat16 if native else torch.float32)
+
+
+@pytest.mark.parametrize("mixed_precision, config, covered", [
+    ("bf16", {}, True),
+    ("fp16", {"force_upcast": True}, False),
+    ("fp16", {}, False),  # the pipeline's default: a VAE config that does not say is upcast
+    ("fp16", {"force_upcast": False}, True),
+    ("no", {}, False),
+])
+def test_training_autocasts_the_vae_by_the_pipelines_upcast_rule(mixed_precision, config, covered):
+    assert devices.vae_under_autocast(mixed_precision, config) is covered
+    assert devices.vae_force_upcast(config) is config.get("force_upcast", True)
+
+
+def test_the_command_lines_device_choice(monkeypatch):
+    from diffdis_core.distributed import process_device
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert process_device("cpu") == (None, torch.device("cpu"))  # one process: no accelerate state
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DiffDISError, match="--device cuda:1: under accelerate launch each process takes its own"):
+        process_device("cuda:1")

@@ -1,6 +1,7 @@
 """training/evaluate.py: inference with the paper's settings, scoring, saved maps, errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,38 @@ def test_usage_errors_are_one_line(argv, message, capsys):
     assert evaluate(*argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--batch-size", "0"), ("--max-images", "0"), ("--num-workers", "-1"), ("--seed", "nan"), ("--resolution", "1e3"),
+])
+def test_bad_numbers_are_refused_as_they_are_parsed(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate("--model", "y", "--dataset", ".", option, value)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: argument {option}: ") and value in err[0]
+
+
+def test_the_json_figures_are_written_whole_and_readable_as_the_umask_says(dis5k, tmp_path, capsys):
+    target = tmp_path / "figures.json"
+    target.write_text("old")
+    target.chmod(0o600)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    gt = dis5k / "DIS-VD" / "gt"
+    for mask in gt.iterdir():
+        Image.open(mask).save(pred / mask.name)
+    assert evaluate("--pred", pred, "--gt", gt, "--no-hce", "--json", target) == 0
+    assert json.loads(target.read_text())["pred"]["images"] == 3
+    assert target.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # a new file, not the old one rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json", "pred"]  # no temporary left
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_missing_split_from_the_script(tmp_path):

@@ -170,3 +170,19 @@ def test_the_core_modules_import_no_circle():
 
     circles = sorted(m for m in graph if reaches(m, m, set()))
     assert not circles, circles
+
+
+def test_what_a_library_wrote_0600_gets_the_umask_permissions(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "checkpoint" / "unet"
+    folder.mkdir(parents=True, mode=0o700)
+    save_file({"w": torch.zeros(1)}, folder / "weights.safetensors")  # safetensors writes 0600
+    old = os.umask(0o027)
+    try:
+        files.apply_umask(tmp_path / "checkpoint")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((folder / "weights.safetensors").stat().st_mode) == 0o640
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE(folder.parent.stat().st_mode) == 0o750

@@ -1,6 +1,7 @@
 """End-to-end CPU training runs with a tiny SD-Turbo-like base and a toy DIS-style dataset."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,14 @@ def run(toy, output, *extra):
 
 def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def the_error(err):
+    """The one error line of a run's stderr (which may also hold its progress bar), never a traceback."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
 
 
 def listing(folder):
@@ -227,3 +236,156 @@ def test_model_errors_name_this_scripts_options(toy, tmp_path, capsys):
                               str(dataset), "--output", str(tmp_path / "run"), "--resolution", "64"]) == 2
     err = capsys.readouterr().err
     assert "--pretrained" in err and "--model" not in err and "does not exist" in err
+
+
+def test_overwrite_keeps_the_starting_model_inside_the_output_and_trains_from_it(toy, tmp_path, capsys):
+    base, _ = toy
+    out = tmp_path / "run"
+    assert run(toy, out, "--max-steps", "2", "--lr", "1e-3") == 0
+    start = tmp_path / "start"
+    shutil.copytree(out / "final", start)
+    # Fine-tune the run's own final/ again, in the same folder: it is read before anything is removed.
+    capsys.readouterr()
+    assert run(toy, out, "--max-steps", "1", "--pretrained", out / "final", "--overwrite") == 0
+    assert f"fine-tuning the DiffDIS UNet {out / 'final'}" in capsys.readouterr().out
+    # The same fine-tune from a copy elsewhere gives the same step and the same model.
+    assert run(toy, tmp_path / "elsewhere", "--max-steps", "1", "--pretrained", start) == 0
+    again, elsewhere = (read_log(folder / "train_log.jsonl") for folder in (out, tmp_path / "elsewhere"))
+    assert [r["step"] for r in again] == [1] and again[0]["loss"] == elsewhere[0]["loss"]
+    a, b = (load_file(folder / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+            for folder in (out, tmp_path / "elsewhere"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overwrite_sets_a_starting_checkpoint_aside(tmp_path):
+    out = tmp_path / "run"
+    for name in ("checkpoint-2/unet", "checkpoint-4/unet", "final/unet", ".checkpoint-6.abc123.tmp"):
+        (out / name).mkdir(parents=True)
+    (out / "train_log.jsonl").write_text("{}\n")
+    said = []
+    train_script.remove_previous_run(out, [out / "checkpoint-2" / "unet"], said.append)
+    # Renamed out of the names resume and rotation use; the rest of the old run is gone.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2.start"]
+    assert said == [f"kept the starting model {out / 'checkpoint-2'} as checkpoint-2.start"]
+
+
+@pytest.mark.parametrize("mistake", ["typo in --pretrained", "truncated training image"])
+def test_overwrite_deletes_nothing_when_the_run_cannot_start(toy, tmp_path, capsys, mistake):
+    base, dataset = toy
+    out = tmp_path / "run"
+    assert run(toy, out, "--max-steps", "1", "--no-cutmix") == 0
+    before = listing(out)
+    if mistake == "typo in --pretrained":
+        extra, expected = ["--pretrained", tmp_path / "no_such_model"], "--pretrained"
+    else:
+        copy = tmp_path / "DIS5K"
+        shutil.copytree(dataset, copy)
+        damaged = sorted((copy / "DIS-TR" / "im").iterdir())[5]
+        truncate(damaged)
+        extra, expected = ["--dataset", copy], f"{damaged}: unreadable image"
+    capsys.readouterr()
+    assert run(toy, out, "--max-steps", "1", "--overwrite", *extra) == 2
+    assert expected in the_error(capsys.readouterr().err)
+    assert listing(out) == before
+
+
+def test_a_damaged_training_image_stops_the_run_before_step_1(toy, tmp_path, capsys):
+    _, dataset = toy
+    copy = tmp_path / "DIS5K"
+    shutil.copytree(dataset, copy)
+    damaged = sorted((copy / "DIS-TR" / "gt").iterdir())[6]  # a mask, sampled late (if at all) in step order
+    truncate(damaged)
+    out = tmp_path / "run"
+    assert run(toy, out, "--max-steps", "1", "--dataset", copy) == 2
+    assert the_error(capsys.readouterr().err).startswith(f"error: {damaged}: unreadable mask")
+    assert not (out / "train_log.jsonl").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_a_diverging_run_stops_keeps_its_checkpoints_and_writes_no_final(toy, tmp_path, capsys, monkeypatch):
+    from training import recipe
+
+    real, calls = recipe.one_step_losses, []
+
+    def nan_from_step_5(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        return losses if len(calls) < 5 else recipe.StepLosses(losses.total * torch.nan, losses.mask, losses.edge)
+
+    monkeypatch.setattr(recipe, "one_step_losses", nan_from_step_5)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert run(toy, out, "--max-steps", "8", "--checkpoint-every", "2", "--keep-checkpoints", "1") == 2
+    error = the_error(capsys.readouterr().err)
+    assert error.startswith("error: the loss is not finite at step 5: training stopped")
+    assert "every checkpoint kept (checkpoint-2, checkpoint-4)" in error
+    # checkpoint-2 outlives --keep-checkpoints 1: checkpoint-4 never gave a finite step.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "final").exists()
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_learning_rate_that_diverges_stops_the_run(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(toy, out, "--max-steps", "6", "--lr", "1e30") == 2
+    error = the_error(capsys.readouterr().err)
+    assert "is not finite at step 2" in error and "lower --lr (now 1e+30)" in error
+    assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "-0.0001"), ("--bde-lr-scale", "nan"),
+    ("--lr-decay", "0"), ("--max-grad-norm", "-1"), ("--edge-weight", "inf"), ("--cutmix-prob", "1.5"),
+    ("--batch-size", "0"), ("--seed", "-1"),
+])
+def test_bad_numbers_are_refused_as_they_are_parsed(toy, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_:
+        run(toy, tmp_path / "run", option, value)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: argument {option}: ") and value in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_and_the_final_model_are_readable_as_the_umask_says(toy, tmp_path):
+    mask = os.umask(0o027)
+    try:
+        out = tmp_path / "run"
+        assert run(toy, out, "--max-steps", "1") == 0
+    finally:
+        os.umask(mask)
+    written = [p for folder in ("checkpoint-1", "final") for p in (out / folder).rglob("*")]
+    assert any(p.name == "diffusion_pytorch_model.safetensors" for p in written)  # safetensors makes these 0600
+    modes = {p.relative_to(out): p.stat().st_mode & 0o777 for p in written}
+    assert modes == {path: 0o750 if (out / path).is_dir() else 0o640 for path in modes}
+    assert (out / "checkpoint-1").stat().st_mode & 0o777 == 0o750 and (out / "final").stat().st_mode & 0o777 == 0o750
+
+
+def console_scripts():
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("how", ["file", "module", *console_scripts()])
+def test_the_commands_run_as_files_modules_and_console_scripts(tmp_path, how):
+    # Installed, training/ is the package diffdis_training: a link of that name stands in for the install.
+    installed = tmp_path / "site"
+    installed.mkdir()
+    (installed / "diffdis_training").symlink_to(ROOT / "training", target_is_directory=True)
+    if how == "file":  # from another folder, as `python path/to/training/train.py`
+        command = [sys.executable, str(ROOT / "training" / "train.py")]
+    elif how == "module":
+        command = [sys.executable, "-m", "diffdis_training.train"]
+    else:  # what pip's console-script wrapper does
+        module, function = console_scripts()[how].split(":")
+        command = [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), str(ROOT)])}
+    help_ = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert help_.returncode == 0 and help_.stdout.startswith("usage:"), help_.stderr
+    if how in ("file", "module", "diffdis-train"):  # past the package's lazy (relative) imports to a one-line error
+        result = subprocess.run([*command, "--dataset", "nope", "--output", "run", "--pretrained", "nope"],
+                                capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == ["error: dataset folder nope does not exist; expected DIS5K "
+                                                      "layout (<dataset>/<split>/im/*.jpg + gt/*.png) or a folder "
+                                                      "with im/ and gt/"]

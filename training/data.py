@@ -21,9 +21,8 @@ from PIL import Image, ImageEnhance, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from diffdis_core import DiffDISError
+from diffdis_core.image_io import IMAGE_EXTENSIONS, save_image
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-MASK_EXTENSIONS = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
 DIS5K_SPLITS = ["DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"]
 LAYOUT_HINT = "expected DIS5K layout (<dataset>/<split>/im/*.jpg + gt/*.png) or a folder with im/ and gt/"
 
@@ -77,7 +76,7 @@ def find_pairs(folder: str | os.PathLike, check_sizes: bool = False) -> list[Sam
     """
     folder = Path(folder)
     images = _by_stem(folder / "im", IMAGE_EXTENSIONS)
-    masks = _by_stem(folder / "gt", MASK_EXTENSIONS)
+    masks = _by_stem(folder / "gt", IMAGE_EXTENSIONS)
     if not images:
         raise DiffDISError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder / 'im'}")
     no_mask = sorted(set(images) - set(masks))
@@ -107,6 +106,49 @@ def image_size_of(path: Path) -> tuple[int, int]:
             return image.size
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DiffDISError(f"{path}: unreadable image ({error})") from None
+
+
+def check_decodes(path: str | os.PathLike, what: str = "image") -> None:
+    """Decode the whole file (a truncated or damaged one fails here, not when first sampled); JPEGs at
+    1/8 scale, which still reads every byte of their compressed data."""
+    try:
+        with Image.open(path) as image:
+            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise DiffDISError(f"{path}: unreadable {what} ({error}); fix or remove the pair") from None
+
+
+class _DecodeChecks(Dataset):
+    """Checks one sample's image and mask; a Dataset so DataLoader workers can share the work."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> str:
+        sample = self.samples[index]
+        try:
+            check_decodes(sample.image)
+            check_decodes(sample.mask, "mask")
+        except DiffDISError as problem:
+            return str(problem)  # returned, not raised: the first problem is reported in one line
+        return ""
+
+
+def damaged_samples(samples: list[Sample], num_workers: int = 0, progress: bool = True) -> list[str]:
+    """What is wrong with each image or mask that does not decode, in sample order (empty: all whole);
+    ``progress``: a bar on a terminal."""
+    from tqdm.auto import tqdm
+
+    # Its own generator: the global RNG stays as the seed left it (see prepare_edge_maps).
+    loader = torch.utils.data.DataLoader(_DecodeChecks(samples), batch_size=None, num_workers=num_workers,
+                                         generator=torch.Generator())
+    # The bar only on a terminal (disable=None): the check comes before errors that must stay one line.
+    return [problem for problem in tqdm(loader, total=len(samples), desc="checking images", unit="pair",
+                                        disable=None if progress else True, leave=False) if problem]
 
 
 def _open_as(path: str | os.PathLike, mode: str, what: str) -> Image.Image:
@@ -168,9 +210,7 @@ class _EdgeJobs(Dataset):
         sample = self.samples[index]
         target = edge_path(self.folder, sample)
         edge = edge_map(np.asarray(load_mask(sample.mask)))
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.png")
-        Image.fromarray(edge, "L").save(tmp)
-        os.replace(tmp, target)  # atomic: a killed run never leaves a truncated edge map
+        save_image(Image.fromarray(edge, "L"), target)  # atomic: a killed run never leaves a truncated edge map
         return index
 
 

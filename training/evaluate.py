@@ -22,20 +22,23 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import this folder as the package it is, from any directory
-    _folder = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _folder]  # its modules are not top-level
-    sys.path.insert(0, str(_folder.parent))
-    __package__ = _folder.name
+if __name__ == "__main__" and not __package__:  # `python training/evaluate.py`: run as its package's module
+    import runpy
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, in place of this folder
+    runpy.run_module(f"{Path(__file__).resolve().parent.name}.evaluate", run_name="__main__", alter_sys=True)
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from diffdis_core.commandline import OneLineErrorParser, base_option, number, run_main
 from diffdis_core.devices import DTYPE_CHOICES
 from diffdis_core.errors import DiffDISError
+from diffdis_core.files import write_bytes_atomic
+from diffdis_core.image_io import IMAGE_EXTENSIONS
 from diffdis_core.spec import DEFAULT_BASE, DEFAULT_MODEL, check_processing_res
 
-from .data import DIS5K_SPLITS, MASK_EXTENSIONS, Sample, find_pairs, load_mask, load_rgb, split_folder
+from .data import DIS5K_SPLITS, Sample, find_pairs, load_mask, load_rgb, split_folder
 from .metrics import DISMetrics, combine, format_table, mean_over_splits
 
 TEST_SPLITS = ["DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"]
@@ -48,22 +51,6 @@ PAPER_TABLE = {  # Table 2 of the paper (DiffDIS, 1024²)
     "DIS-TE4": (0.909, 0.893, 0.955, 0.896, 0.032),
     TEST_MEAN: (0.911, 0.892, 0.950, 0.905, 0.028),
 }
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (``error: ...``, exit 2) like every other error here."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def error_line(error: Exception) -> str:
-    """The error's message. A DataLoader worker's error (an unreadable image) comes back with the worker's
-    traceback in its message; the user gets its last line, the message itself."""
-    lines = str(error).strip().splitlines()
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        return lines[-1].split(f"{type(error).__name__}: ", 1)[-1]
-    return str(error)
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -178,9 +165,6 @@ def gather_partials(partial: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- saved maps
-PRED_EXTENSIONS = MASK_EXTENSIONS
-
-
 def read_prediction(path: Path) -> np.ndarray:
     """A saved map as uint8 or uint16 (16-bit PNGs keep their precision)."""
     try:
@@ -200,8 +184,8 @@ def pair_predictions(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
         raise DiffDISError(f"prediction folder {pred_dir} does not exist")
     if not gt_dir.is_dir():
         raise DiffDISError(f"ground-truth folder {gt_dir} does not exist")
-    preds = {p.stem: p for p in sorted(pred_dir.iterdir()) if p.suffix.lower() in PRED_EXTENSIONS}
-    gts = {p.stem: p for p in sorted(gt_dir.iterdir()) if p.suffix.lower() in MASK_EXTENSIONS}
+    preds = {p.stem: p for p in sorted(pred_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    gts = {p.stem: p for p in sorted(gt_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
     if not gts:
         raise DiffDISError(f"no masks in {gt_dir}")
     missing = sorted(set(gts) - set(preds))
@@ -238,17 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "subfolder per split (with --dataset); nothing is run")
     source.add_argument("--gt", help="ground-truth folder for --pred")
     infer = parser.add_argument_group("inference (the paper's settings by default)")
-    infer.add_argument("--resolution", type=int, default=1024,
+    infer.add_argument("--resolution", type=number(int), default=1024,
                        help="processing resolution: a multiple of 64, of 256 with TTA (default 1024)")
     infer.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                        help="the authors' flip x 3-scale test-time augmentation (default on, as in the paper)")
-    infer.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image (default 0)")
-    infer.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    infer.add_argument("--seed", type=number(int, 0), default=0,
+                       help="noise seed, the same for every image (default 0)")
+    infer.add_argument("--batch-size", type=number(int, 1), default=1, help="images per forward pass (default 1)")
     infer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (accelerate launch: its own)")
     infer.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES,
                        help="model precision (default fp32, as the paper; auto: the fastest safe one)")
-    infer.add_argument("--max-images", type=int, default=None, help="score only the first N images of each split")
-    infer.add_argument("--num-workers", type=int, default=2, help="image-loading workers (default 2)")
+    infer.add_argument("--max-images", type=number(int, 1), default=None,
+                       help="score only the first N images of each split")
+    infer.add_argument("--num-workers", type=number(int, 0), default=2, help="image-loading workers (default 2)")
     infer.add_argument("--save-pred",
                        help="also write the maps to SAVE_PRED/<split>/mask/<stem>.png, the layout of the authors' "
                             "run_inference.py that their test_score.py reads")
@@ -277,10 +263,6 @@ def resolve_splits(dataset: str, splits: list[str] | None) -> list[tuple[str, Pa
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    if args.batch_size < 1:
-        raise DiffDISError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_images is not None and args.max_images < 1:
-        raise DiffDISError(f"--max-images must be at least 1, got {args.max_images}")
     binarize, hce = not args.soft, not args.no_hce
     if args.pred:
         if args.model:
@@ -332,13 +314,13 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     import torch
 
     from diffdis_core import DiffDISPipeline
-    from diffdis_core.devices import pick_device, pick_dtype
-    from diffdis_core.distributed import process_state
+    from diffdis_core.devices import pick_dtype
+    from diffdis_core.distributed import process_device, process_state
 
     # Under accelerate launch the images are split between the processes (GPUs, or CPU processes where
     # there is no GPU), each image done once by one of them.
+    _, device = process_device(args.device)
     state = process_state(cpu=args.device == "cpu")
-    device = state.device if state.num_processes > 1 else pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if save_root is not None:
         for name, _, _ in splits:
@@ -347,8 +329,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                     (save_root / name / kind).mkdir(parents=True, exist_ok=True)
                 except OSError as error:
                     raise DiffDISError(f"cannot create {save_root / name / kind} ({error.strerror})") from None
-    base = None if str(args.base).lower() == "none" else args.base
-    pipe = DiffDISPipeline.from_pretrained(args.model or DEFAULT_MODEL, base=base, torch_dtype=dtype, device=device)
+    pipe = DiffDISPipeline.from_pretrained(args.model or DEFAULT_MODEL, base=base_option(args.base), torch_dtype=dtype,
+                                           device=device)
     if state.is_main_process:
         print(f"model {args.model or DEFAULT_MODEL}: {args.resolution}², one step, TTA {'on' if args.tta else 'off'}, "
               f"seed {args.seed}, {str(dtype).removeprefix('torch.')}, {args.pred_bits}-bit maps, "
@@ -381,24 +363,21 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean = {name: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                  for name, r in results.items()}
-        path.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+        write_bytes_atomic(path, (json.dumps(clean, indent=2) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = run(args)
-    except DiffDISError as error:
-        print(f"error: {error_line(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    from diffdis_core.distributed import process_state
 
-    if process_state().is_main_process:
-        report(results, args)
-    return 0
+    def evaluate() -> int:
+        results = run(args)
+        from diffdis_core.distributed import process_state
+
+        if process_state().is_main_process:
+            report(results, args)
+        return 0
+
+    return run_main(evaluate)
 
 
 if __name__ == "__main__":

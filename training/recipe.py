@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from diffdis_core import DiffDISPipeline
-from diffdis_core.pipeline import bde_labels
+from diffdis_core.pipeline import predict_x0
 
 
 def pyramid_noise_like(x: torch.Tensor, discount: float = 0.8, generator: torch.Generator | None = None,
@@ -41,15 +41,6 @@ def gaussian_noise_like(x: torch.Tensor, generator: torch.Generator | None = Non
     return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
 
 
-def multiscale_rgb_latents(pipe: DiffDISPipeline, rgb: torch.Tensor) -> list[torch.Tensor]:
-    """The RGB image's VAE latents at full, 1/2, 1/4 and 1/8 side, exactly as the pipeline conditions on them.
-
-    ``DiffDISPipeline.encode_condition`` runs in inference mode (its tensors cannot enter autograd), so the
-    training step uses the same helper it uses underneath.
-    """
-    return pipe.rgb_latents(rgb)
-
-
 @torch.no_grad()
 def encode_batch(pipe: DiffDISPipeline, image: torch.Tensor, mask: torch.Tensor, edge: torch.Tensor
                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -58,7 +49,8 @@ def encode_batch(pipe: DiffDISPipeline, image: torch.Tensor, mask: torch.Tensor,
     ``image`` [B, 3, R, R], ``mask`` and ``edge`` [B, 1, R, R], all in [-1, 1]; mask and edge are repeated
     to 3 channels, as the authors did, and encoded with the posterior mean.
     """
-    rgb_latents = multiscale_rgb_latents(pipe, image)
+    # The pipeline's own helper: encode_condition runs in inference mode, whose tensors cannot enter autograd.
+    rgb_latents = pipe.rgb_latents(image)
     targets = [pipe.encode_latent(x.repeat(1, 3, 1, 1)) for x in (mask, edge)]  # one B-batch at a time: less memory
     return rgb_latents, torch.cat(targets)
 
@@ -76,20 +68,9 @@ def one_step_losses(unet: torch.nn.Module, scheduler: DDPMScheduler, empty_text_
     """Noise the targets to t = T - 1 (q(x_t | x_0)), predict epsilon, step to x̂0 in one go, and take the MSE
     against the clean latents: mask + ``edge_weight`` × edge (the paper: equal weights)."""
     batch = target.shape[0] // 2
-    device = target.device
-    t = scheduler.config.num_train_timesteps - 1
-    timesteps = torch.full((2 * batch,), t, device=device, dtype=torch.long)
-    noisy = scheduler.add_noise(target, noise, timesteps)
-    eps = unet(
-        torch.cat([rgb_latents[0].repeat(2, 1, 1, 1), noisy], dim=1),
-        timesteps,
-        encoder_hidden_states=empty_text_embed.to(device, target.dtype).expand(2 * batch, -1, -1),
-        class_labels=bde_labels(batch, device, target.dtype),
-        rgb_token=[r.repeat(2, 1, 1, 1) for r in rgb_latents],
-    ).sample
-    # x̂0 in float32 whatever the autocast dtype (the same formula as DiffDISPipeline.one_step).
-    alpha = scheduler.alphas_cumprod[t].to(device, torch.float32)
-    x0 = (noisy.float() - (1 - alpha).sqrt() * eps.float()) / alpha.sqrt()
+    timesteps = torch.full((2 * batch,), scheduler.config.num_train_timesteps - 1, device=target.device,
+                           dtype=torch.long)
+    x0 = predict_x0(unet, scheduler, empty_text_embed, rgb_latents, scheduler.add_noise(target, noise, timesteps))
     mask_loss = F.mse_loss(x0[:batch], target[:batch].float())
     edge_loss = F.mse_loss(x0[batch:], target[batch:].float())
     return StepLosses(mask_loss + edge_weight * edge_loss, mask_loss, edge_loss)

@@ -15,11 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import this folder as the package it is, from any directory
-    _folder = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _folder]  # its modules are not top-level
-    sys.path.insert(0, str(_folder.parent))
-    __package__ = _folder.name
+if __name__ == "__main__" and not __package__:  # `python training/synthetic.py`: run as its package's module
+    import runpy
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, in place of this folder
+    runpy.run_module(f"{Path(__file__).resolve().parent.name}.synthetic", run_name="__main__", alter_sys=True)
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -30,23 +30,27 @@ import shutil
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: import this folder as the package it is, from any directory
-    _folder = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _folder]  # its modules are not top-level
-    sys.path.insert(0, str(_folder.parent))
-    __package__ = _folder.name
+if __name__ == "__main__" and not __package__:  # `python training/train.py`: run as its package's module
+    import runpy
 
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout, in place of this folder
+    runpy.run_module(f"{Path(__file__).resolve().parent.name}.train", run_name="__main__", alter_sys=True)
+
+from diffdis_core.commandline import OneLineErrorParser, base_option, number, run_main
 from diffdis_core.errors import DiffDISError
+from diffdis_core.files import apply_umask, make_temporary_folder, write_bytes_atomic
 from diffdis_core.spec import DEFAULT_BASE, UNET_WEIGHTS_NAMES, check_processing_res
-
-from .evaluate import OneLineErrorParser, error_line
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_NAME = re.compile(r"^checkpoint-\d+\.damaged\d*$")
+# What a killed run leaves: checkpoint and final/ folders being written (files.make_temporary_folder's
+# names; .partial from earlier versions) and the final/ being replaced.
+UNFINISHED_NAME = re.compile(r"^\.(checkpoint-\d+|final)\.(.+\.tmp|partial|old)$")
 STATE_FILE = "training_state.json"
 LOG_FILE = "train_log.jsonl"
 VAL_LOG_FILE = "val_log.jsonl"
@@ -57,6 +61,9 @@ RUN_IDENTITY = ("batch_size", "gradient_accumulation_steps", "seed", "num_proces
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description="Train DiffDIS (one-step dichotomous image segmentation) from SD-Turbo.")
+    # Refused as they are parsed: a non-finite, negative or (where it means nothing) zero value.
+    at_least_0, at_least_1 = number(int, 0), number(int, 1)
+    positive, non_negative, probability = number(float, 0, low_open=True), number(float, 0), number(float, 0, 1)
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained", default=DEFAULT_BASE,
                    help=f"SD-Turbo folder (diffusers layout) or Hugging Face repo to start from "
@@ -71,34 +78,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edge-cache", help="where edge maps are cached (default OUTPUT/edge_cache); never the dataset "
                                         "unless you point this there")
     g = p.add_argument_group("recipe")
-    g.add_argument("--resolution", type=int, default=1024,
+    g.add_argument("--resolution", type=number(int), default=1024,
                    help="training size, a multiple of 64 (the SWCI scales must line up; default 1024)")
-    g.add_argument("--batch-size", type=int, default=4, help="images per process and step (default 4; even for CutMix)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=int, default=100, help="epochs (default 100)")
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--batch-size", type=at_least_1, default=4,
+                   help="images per process and step (default 4; even for CutMix)")
+    g.add_argument("--gradient-accumulation-steps", type=at_least_1, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=at_least_1, default=100, help="epochs (default 100)")
+    g.add_argument("--max-steps", type=at_least_1, default=None,
                    help="stop after this many optimizer steps (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate (default 3e-5)")
-    g.add_argument("--bde-lr-scale", type=float, default=10.0, help="lr factor of the BDE projection (default 10)")
-    g.add_argument("--lr-decay", type=float, default=0.95, help="lr factor every --lr-decay-epochs (default 0.95)")
-    g.add_argument("--lr-decay-epochs", type=int, default=30, help="epochs between lr decays (default 30)")
+    g.add_argument("--lr", type=positive, default=3e-5, help="Adam learning rate (default 3e-5)")
+    g.add_argument("--bde-lr-scale", type=positive, default=10.0, help="lr factor of the BDE projection (default 10)")
+    g.add_argument("--lr-decay", type=positive, default=0.95, help="lr factor every --lr-decay-epochs (default 0.95)")
+    g.add_argument("--lr-decay-epochs", type=at_least_1, default=30, help="epochs between lr decays (default 30)")
     g.add_argument("--lr-schedule", choices=["authors", "step"], default="authors",
                    help="authors (default): their code's decay, after epoch e the lr is multiplied by "
                         "decay^(e // 30), which compounds from epoch 30 on; step: lr × decay^(epoch // 30), "
                         "as the paper words it")
-    g.add_argument("--max-grad-norm", type=float, default=0.0,
+    g.add_argument("--max-grad-norm", type=non_negative, default=0.0,
                    help="clip gradients to this norm (default 0: off, as the paper)")
-    g.add_argument("--edge-weight", type=float, default=1.0, help="weight of the edge loss (default 1)")
+    g.add_argument("--edge-weight", type=non_negative, default=1.0, help="weight of the edge loss (default 1)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     g.add_argument("--no-crop", action="store_true", help="no random centred crop")
     g.add_argument("--no-rotation", action="store_true", help="no random rotation")
-    g.add_argument("--rotation-prob", type=float, default=0.2, help="probability of a rotation (default 0.2)")
+    g.add_argument("--rotation-prob", type=probability, default=0.2, help="probability of a rotation (default 0.2)")
     g.add_argument("--no-color-jitter", action="store_true", help="no brightness/contrast/colour/sharpness changes")
     g.add_argument("--no-cutmix", action="store_true", help="no CutMix within pairs")
-    g.add_argument("--cutmix-prob", type=float, default=0.5, help="probability of a CutMix box per image (default 0.5)")
+    g.add_argument("--cutmix-prob", type=probability, default=0.5,
+                   help="probability of a CutMix box per image (default 0.5)")
     g.add_argument("--no-pyramid-noise", action="store_true", help="plain Gaussian noise instead of pyramid noise")
-    g.add_argument("--pyramid-discount", type=float, default=0.8, help="pyramid-noise discount (default 0.8)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation, noise and new layers")
+    g.add_argument("--pyramid-discount", type=non_negative, default=0.8, help="pyramid-noise discount (default 0.8)")
+    g.add_argument("--seed", type=at_least_0, default=0,
+                   help="seed of the data order, augmentation, noise and new layers")
     g = p.add_argument_group("hardware")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast precision (default: accelerate's config, else no = fp32 as the paper)")
@@ -106,46 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls and convolutions on CUDA (default on: faster on Ampere and newer, about "
                         "10 bits of mantissa in those products; --no-tf32 for full fp32 as the paper's setting)")
-    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers")
+    g.add_argument("--num-workers", type=at_least_0, default=min(8, os.cpu_count() or 1), help="data-loading workers")
     g = p.add_argument_group("logging, checkpoints, validation")
-    g.add_argument("--log-every", type=int, default=10, help="steps between train_log.jsonl lines (default 10)")
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept, newest first (0: all; default 2)")
+    g.add_argument("--log-every", type=at_least_1, default=10, help="steps between train_log.jsonl lines (default 10)")
+    g.add_argument("--checkpoint-every", type=at_least_1, default=1000, help="steps between checkpoints (default 1000)")
+    g.add_argument("--keep-checkpoints", type=at_least_0, default=2,
+                   help="checkpoints kept, newest first (0: all; default 2)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --output that has a run (deletes its checkpoints, logs and final/)")
-    g.add_argument("--validate-every", type=int, default=0, help="steps between validations (default 0: none)")
+    g.add_argument("--validate-every", type=at_least_0, default=0, help="steps between validations (default 0: none)")
     g.add_argument("--val-dataset", help="dataset for validation (default --dataset)")
     g.add_argument("--val-split", default="DIS-VD", help="validation split (default DIS-VD)")
-    g.add_argument("--val-resolution", type=int, default=None,
+    g.add_argument("--val-resolution", type=number(int), default=None,
                    help="validation processing size, a multiple of 64, of 256 with --val-tta (default --resolution)")
-    g.add_argument("--val-max-images", type=int, default=None, help="validate on the first N images only")
+    g.add_argument("--val-max-images", type=at_least_1, default=None, help="validate on the first N images only")
     g.add_argument("--val-tta", action="store_true", help="validate with the authors' test-time augmentation")
     g.add_argument("--val-hce", action="store_true", help="also compute HCE in validation (slow)")
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
-    def positive(name: str, value, allow_zero: bool = False):
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            bound = ">= 0" if allow_zero else "positive"
-            raise DiffDISError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
-
+    """What the option types cannot check alone (the numbers' ranges are checked as they are parsed)."""
     check_processing_res(args.resolution, name="--resolution")
-    for name in ("batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "log_every", "checkpoint_every",
-                 "lr", "lr_decay_epochs"):
-        positive(name, getattr(args, name))
-    for name in ("keep_checkpoints", "validate_every", "max_grad_norm", "edge_weight", "num_workers", "lr_decay"):
-        positive(name, getattr(args, name), allow_zero=True)
     if args.validate_every:
         name = "--val-resolution" if args.val_resolution is not None else "--resolution (the validation size)"
         check_processing_res(args.val_resolution or args.resolution, tta=args.val_tta, name=name)
     if not args.no_cutmix and args.batch_size % 2:
         raise DiffDISError(f"CutMix mixes the images of each pair in a batch: --batch-size must be even "
                            f"(got {args.batch_size}), or pass --no-cutmix")
-    for name in ("rotation_prob", "cutmix_prob"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise DiffDISError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.resume and args.overwrite:
         raise DiffDISError("--resume continues the run in --output, --overwrite deletes it: pass only one")
 
@@ -232,13 +231,14 @@ def choose_checkpoint(output: Path) -> tuple[Path | None, dict | None, list[tupl
     return None, None, []
 
 
-def set_aside(folder: Path) -> Path:
-    """Rename a damaged checkpoint so it is never resumed from again (kept for inspection)."""
-    target = folder.with_name(folder.name + ".damaged")
+def set_aside(folder: Path, suffix: str = ".damaged") -> Path:
+    """Rename a checkpoint out of the names that are resumed from and rotated (``.damaged``: kept for
+    inspection; ``.start``: the model a --overwrite run starts from)."""
+    target = folder.with_name(folder.name + suffix)
     index = 1
     while target.exists():
         index += 1
-        target = folder.with_name(f"{folder.name}.damaged{index}")
+        target = folder.with_name(f"{folder.name}{suffix}{index}")
     os.replace(folder, target)
     return target
 
@@ -247,14 +247,27 @@ def previous_run_files(output: Path) -> list[Path]:
     if not output.is_dir():
         return []
     return sorted(p for p in output.iterdir()
-                  if CHECKPOINT_NAME.match(p.name) or DAMAGED_NAME.match(p.name)
-                  or p.name in (FINAL_DIR, LOG_FILE, VAL_LOG_FILE)
-                  or (p.name.startswith(".checkpoint-") and p.name.endswith(".partial")))
+                  if CHECKPOINT_NAME.match(p.name) or DAMAGED_NAME.match(p.name) or UNFINISHED_NAME.match(p.name)
+                  or p.name in (FINAL_DIR, LOG_FILE, VAL_LOG_FILE))
 
 
-def remove_previous_run(output: Path) -> None:
-    """--overwrite: delete only what a training run writes (never the edge cache or other files)."""
+def remove_unfinished(output: Path) -> None:
+    """What a killed run was writing (the checkpoint and final/ before it are intact)."""
+    for path in output.iterdir():
+        if UNFINISHED_NAME.match(path.name):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def remove_previous_run(output: Path, keep: list[Path], say: Callable[[str], None]) -> None:
+    """--overwrite: delete only what a training run writes (never the edge cache or other files), and not
+    the model this run starts from (``keep``: its folders or files): final/ stays until this run's own
+    replaces it, a checkpoint is renamed .start (so it is neither resumed from nor rotated away)."""
+    keep = [path.resolve() for path in keep]
     for path in previous_run_files(output):
+        if any(kept == path.resolve() or path.resolve() in kept.parents for kept in keep):
+            if path.name != FINAL_DIR:
+                say(f"kept the starting model {path} as {set_aside(path, '.start').name}")
+            continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -270,14 +283,17 @@ def truncate_log(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 def append_json_line(path: Path, record: dict) -> None:
+    # Appended, not rewritten per line (a torn last line is dropped by truncate_log on resume).
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def write_json(path: Path, record: dict) -> None:
+    write_bytes_atomic(path, json.dumps(record, indent=2).encode())
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -329,44 +345,33 @@ def load_training_start(pretrained: str, base: str | None, random_init: bool):
     return unet, vae, scheduler, embed, how
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- phases
+# train() runs them in this order. Everything that can be checked (options, output folder, data, resume
+# point, starting model) is checked before anything in the output folder is removed or written.
 @dataclass
-class TrainResult:
-    final: Path  # the model folder written by the main process
-    steps: int
-    unet: Any  # this process's trained DiffDISUNet (every rank holds the same weights)
+class Run:
+    """The run folder and this process's place in the launch."""
+
+    args: argparse.Namespace
+    output: Path
+    accelerator: Any
+    say: Callable[..., None]  # prints on the main process only
+    identity: dict = field(default_factory=dict)  # RUN_IDENTITY's values
+    resume_from: Path | None = None
+    resume_state: dict | None = None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints that are not whole
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator.is_main_process
 
 
-def train(args: argparse.Namespace) -> TrainResult:
-    import numpy as np
-    import torch
-    from accelerate.utils import ProjectConfiguration, set_seed
+def open_run(args: argparse.Namespace) -> Run:
+    """Phase 1: check the options and the output folder, start accelerate. Writes nothing."""
+    from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
-    from diffdis_core import DiffDISPipeline, DiffDISUNet
     from diffdis_core.distributed import make_accelerator
-    from diffdis_core.hub import option_names
-
-    from .data import (
-        Augmentation,
-        CutMixCollate,
-        DISTrainDataset,
-        EpochShuffleSampler,
-        edge_cache_folder,
-        find_pairs,
-        prepare_edge_maps,
-        split_folder,
-    )
-    from .evaluate import gather_partials, predict_and_score
-    from .metrics import combine
-    from .recipe import (
-        encode_batch,
-        gaussian_noise_like,
-        lr_multiplier,
-        one_step_losses,
-        optimizer_param_groups,
-        pyramid_noise_like,
-    )
 
     check_args(args)
     output = Path(args.output)
@@ -377,7 +382,6 @@ def train(args: argparse.Namespace) -> TrainResult:
         names = ", ".join(p.name for p in existing[:3])
         raise DiffDISError(f"{output} already has a training run ({names}); pass --resume to continue it, "
                            "--overwrite to delete it and start over, or choose another --output")
-
     try:
         # Every launched process is one rank: GPUs, or CPU processes with gloo where there is no GPU.
         accelerator = make_accelerator(mixed_precision=args.mixed_precision,
@@ -386,10 +390,22 @@ def train(args: argparse.Namespace) -> TrainResult:
                                        project_config=ProjectConfiguration(project_dir=str(output)))
     except (ValueError, RuntimeError) as error:
         raise DiffDISError(f"accelerate could not set up this run: {str(error).splitlines()[0]}") from None
-    main_process = accelerator.is_main_process
-    say = tqdm.write if main_process else (lambda *a, **k: None)
+    return Run(args, output, accelerator, tqdm.write if accelerator.is_main_process else (lambda *a, **k: None))
 
-    # Data first: a bad dataset should fail before minutes of model loading.
+
+@dataclass
+class TrainingData:
+    folder: Path  # the training split's folder
+    train: list  # Samples
+    validation: list
+
+
+def find_data(run: Run) -> TrainingData:
+    """Phase 2: the training (and validation) pairs, every image and mask decoded once, so that a damaged
+    file stops the run now, naming it, not when it is first sampled."""
+    from .data import find_pairs, split_folder
+
+    args, accelerator = run.args, run.accelerator
     train_folder = split_folder(args.dataset, args.train_split)
     train_samples = find_pairs(train_folder, check_sizes=True)
     per_step = args.batch_size * accelerator.num_processes
@@ -402,280 +418,456 @@ def train(args: argparse.Namespace) -> TrainResult:
         if val_folder.resolve() == train_folder.resolve():
             raise DiffDISError(f"validation would use the training images ({val_folder}); give --val-dataset")
         val_samples = find_pairs(val_folder)[: args.val_max_images]
+    check_images(run, train_samples + val_samples)
+    return TrainingData(train_folder, train_samples, val_samples)
 
-    resume_from, resume_state, damaged = choose_checkpoint(output) if args.resume else (None, None, [])
-    identity = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "seed": args.seed, "num_processes": accelerator.num_processes, "train_samples": len(train_samples)}
-    if resume_state is not None:
-        changed = [f"{k} {resume_state['identity'][k]} -> {identity[k]}" for k in RUN_IDENTITY
-                   if resume_state["identity"].get(k) != identity[k]]
+
+def check_images(run: Run, samples: list) -> None:
+    """Every pair decodes, or DiffDISError naming the first that does not (each process checks its share)."""
+    from accelerate.utils import gather_object
+
+    from .data import damaged_samples
+
+    accelerator = run.accelerator
+    with accelerator.split_between_processes(samples) as share:
+        problems = damaged_samples(list(share), num_workers=run.args.num_workers, progress=run.main_process)
+    if accelerator.num_processes > 1:
+        problems = gather_object(problems)  # in rank order: the shares are consecutive
+    if problems:
+        more = f" ({len(problems) - 1} more pair(s) are damaged too)" if len(problems) > 1 else ""
+        raise DiffDISError(problems[0] + more)
+
+
+def find_resume_point(run: Run, data: TrainingData) -> None:
+    """Phase 2b: with --resume, the newest whole checkpoint, which must be from a run with the same data order."""
+    args = run.args
+    run.identity = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "seed": args.seed, "num_processes": run.accelerator.num_processes,
+                    "train_samples": len(data.train)}
+    if not args.resume:
+        return
+    run.resume_from, run.resume_state, run.damaged = choose_checkpoint(run.output)
+    if run.resume_state is not None:
+        changed = [f"{k} {run.resume_state['identity'][k]} -> {run.identity[k]}" for k in RUN_IDENTITY
+                   if run.resume_state["identity"].get(k) != run.identity[k]]
         if changed:
-            raise DiffDISError(f"cannot resume {resume_from}: {', '.join(changed)} would change the data order; "
-                               "resume with the same settings or start a new --output")
+            raise DiffDISError(f"cannot resume {run.resume_from}: {', '.join(changed)} would change the data "
+                               "order; resume with the same settings or start a new --output")
 
-    if main_process:
+
+@dataclass
+class StartingModel:
+    unet: Any  # the DiffDISUNet to train
+    vae: Any
+    scheduler: Any
+    embed: Any  # the empty-prompt embedding
+
+
+def load_model(run: Run) -> StartingModel:
+    """Phase 3: the starting model, loaded whole (a typo or a damaged file stops here, before any deletion)."""
+    from accelerate.utils import set_seed
+
+    from diffdis_core.hub import option_names
+
+    args = run.args
+    # Seeded right before the new layers' initialisation (BDE projection, SWCI input convs); what runs
+    # between here and the loop (edge maps, only on a fresh cache) draws from its own generators.
+    set_seed(args.seed)
+    with option_names(model="--pretrained ", base="--base "):  # error messages name this script's options
+        unet, vae, scheduler, embed, how = load_training_start(args.pretrained, base_option(args.base),
+                                                               args.random_init)
+    run.say(how)
+    return StartingModel(unet, vae, scheduler, embed)
+
+
+def starting_model_paths(args: argparse.Namespace) -> list[Path]:
+    """The local folders or files the starting model was read from (--pretrained, --base)."""
+    return [Path(name) for name in (args.pretrained, base_option(args.base)) if name and Path(name).exists()]
+
+
+def prepare_output(run: Run, data: TrainingData) -> Path:
+    """Phase 4: only now is the output folder changed (--overwrite's deletion, leftovers of a killed run,
+    damaged checkpoints set aside); the edge maps are written. Returns the edge-map folder."""
+    import torch
+
+    from .data import edge_cache_folder, prepare_edge_maps
+
+    args, output, say = run.args, run.output, run.say
+    if run.main_process:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DiffDISError(f"cannot create --output {output} ({error.strerror})") from None
         if args.overwrite:
-            remove_previous_run(output)
-        output.mkdir(parents=True, exist_ok=True)
-        for stale in output.glob(".checkpoint-*.partial"):  # a crash mid-save; the checkpoint before it is intact
-            shutil.rmtree(stale)
-        for folder, problem in damaged:
+            remove_previous_run(output, starting_model_paths(args), say)
+        remove_unfinished(output)
+        for folder, problem in run.damaged:
             aside = set_aside(folder)
-            say(f"{problem}: resuming from {resume_from.name} instead (the damaged one is now {aside.name})")
-        if args.resume and resume_from is None:
+            say(f"{problem}: resuming from {run.resume_from.name} instead (the damaged one is now {aside.name})")
+        if args.resume and run.resume_from is None:
             say(f"no checkpoint in {output}: starting from step 0")
             for log in (LOG_FILE, VAL_LOG_FILE):
                 (output / log).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     if torch.cuda.is_available():  # TF32 on by default (--no-tf32: full fp32 products, as the paper)
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
 
-    edge_folder = edge_cache_folder(args.edge_cache or output / "edge_cache", train_folder)
-    if main_process:
-        made = prepare_edge_maps(train_samples, edge_folder, num_workers=args.num_workers)
+    edge_folder = edge_cache_folder(args.edge_cache or output / "edge_cache", data.folder)
+    if run.main_process:
+        made = prepare_edge_maps(data.train, edge_folder, num_workers=args.num_workers)
         if made:
             say(f"wrote {made} edge map(s) to {edge_folder}")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
+    return edge_folder
 
-    # Seeded here, after everything that may or may not run (the edge maps only on a fresh cache, and only
-    # on the main process): the same seed is the same run, on every rank, whatever was cached.
-    set_seed(args.seed)  # the new layers' initialisation (BDE projection, SWCI input convs)
-    base = None if str(args.base).lower() == "none" else args.base
-    with option_names(model="--pretrained ", base="--base "):  # error messages name this script's options
-        unet, vae, scheduler, embed, how = load_training_start(args.pretrained, base, args.random_init)
-    say(how)
-    vae.requires_grad_(False)
-    vae.to(accelerator.device)
-    pipe = DiffDISPipeline(unet, vae, scheduler, embed)  # for its VAE encoding; sets eval mode
-    unet.train()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    embed = embed.to(accelerator.device)
-    # fp16 autocast overflows in the SD VAE (its config says force_upcast): keep it in fp32 there.
-    vae_autocast = accelerator.mixed_precision == "bf16" or (
-        accelerator.mixed_precision == "fp16" and not vae.config.get("force_upcast", False))
 
-    augmentation = Augmentation(flip=not args.no_flip, crop=not args.no_crop, rotation=not args.no_rotation,
-                                rotation_prob=args.rotation_prob, color=not args.no_color_jitter,
-                                cutmix=not args.no_cutmix, cutmix_prob=args.cutmix_prob)
-    dataset = DISTrainDataset(train_samples, edge_folder, args.resolution, augmentation, args.seed)
-    sampler = EpochShuffleSampler(len(dataset), args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=args.num_workers,
-        collate_fn=CutMixCollate(augmentation.cutmix), pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.num_workers > 0)
-    optimizer = torch.optim.Adam(optimizer_param_groups(unet, args.lr, args.bde_lr_scale))
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+@dataclass
+class TrainResult:
+    final: Path  # the model folder written by the main process
+    steps: int
+    unet: Any  # this process's trained DiffDISUNet (every rank holds the same weights)
 
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    total_steps = args.max_steps or args.epochs * updates_per_epoch
-    num_epochs = math.ceil(total_steps / updates_per_epoch)
-    compound = args.lr_schedule == "authors"
-    lr_scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer,
-        lambda step: lr_multiplier(step // updates_per_epoch, args.lr_decay, args.lr_decay_epochs, compound)))
 
-    def save_hook(models, weights, folder):
+class Training:
+    """Phases 5 and 6: the optimisation loop with its logs, checkpoints and validations, then final/."""
+
+    def __init__(self, run: Run, data: TrainingData, model: StartingModel, edge_folder: Path):
+        import torch
+
+        from diffdis_core import DiffDISPipeline
+        from diffdis_core.devices import vae_under_autocast
+
+        from .data import Augmentation, CutMixCollate, DISTrainDataset, EpochShuffleSampler
+        from .recipe import lr_multiplier, optimizer_param_groups
+
+        args, accelerator = run.args, run.accelerator
+        self.run, self.args, self.accelerator, self.data = run, args, accelerator, data
+        model.vae.requires_grad_(False)
+        model.vae.to(accelerator.device)
+        self.vae, self.scheduler = model.vae, model.scheduler
+        self.pipe = DiffDISPipeline(model.unet, model.vae, model.scheduler, model.embed)  # its VAE encoding
+        model.unet.train()  # (the pipeline set eval mode)
+        if args.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        self.embed = model.embed.to(accelerator.device)
+        self.vae_autocast = vae_under_autocast(accelerator.mixed_precision, model.vae.config)  # the upcast rule
+
+        augmentation = Augmentation(flip=not args.no_flip, crop=not args.no_crop, rotation=not args.no_rotation,
+                                    rotation_prob=args.rotation_prob, color=not args.no_color_jitter,
+                                    cutmix=not args.no_cutmix, cutmix_prob=args.cutmix_prob)
+        dataset = DISTrainDataset(data.train, edge_folder, args.resolution, augmentation, args.seed)
+        self.sampler = EpochShuffleSampler(len(dataset), args.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, sampler=self.sampler, drop_last=True, num_workers=args.num_workers,
+            collate_fn=CutMixCollate(augmentation.cutmix), pin_memory=torch.cuda.is_available(),
+            persistent_workers=args.num_workers > 0)
+        optimizer = torch.optim.Adam(optimizer_param_groups(model.unet, args.lr, args.bde_lr_scale))
+        self.unet, self.optimizer, self.loader = accelerator.prepare(model.unet, optimizer, loader)
+
+        self.updates_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
+        self.total_steps = args.max_steps or args.epochs * self.updates_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / self.updates_per_epoch)
+        compound = args.lr_schedule == "authors"
+        self.lr_scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer, lambda step: lr_multiplier(
+                step // self.updates_per_epoch, args.lr_decay, args.lr_decay_epochs, compound)))
+        accelerator.register_save_state_pre_hook(self._save_unet)
+        accelerator.register_load_state_pre_hook(self._load_unet)
+        self.images_per_step = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        self.last_names: list[str] = []  # the last micro-batch's images (logged)
+        self.global_step = 0
+        self.last_saved: int | None = None
+        self.rotation_due = False  # a checkpoint was written: older ones go once a step from it is finite
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_unet(self, models, weights, folder):
         # The UNet goes into unet/ in the released layout instead of accelerate's model.safetensors.
-        if main_process:
+        if self.run.main_process:
             for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(folder) / "unet")
+                self.accelerator.unwrap_model(model).save_pretrained(Path(folder) / "unet")
         weights.clear()
 
-    def load_hook(models, folder):
+    def _load_unet(self, models, folder):
+        import torch
+
+        from diffdis_core import DiffDISUNet
+
         while models:
             model = models.pop()
             loaded = DiffDISUNet.from_pretrained(Path(folder) / "unet", torch_dtype=torch.float32)
-            accelerator.unwrap_model(model).load_state_dict(loaded.state_dict())
+            self.accelerator.unwrap_model(model).load_state_dict(loaded.state_dict())
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    global_step = 0
-    if resume_from is not None:
+    def resume(self) -> None:
+        run = self.run
+        if run.resume_from is None:
+            return
         # accelerate's own state files (optimizer, scheduler, RNG), written by this script; loaded with
-        # weights_only unpickling. The UNet is read from unet/ (safetensors) by load_hook.
+        # weights_only unpickling. The UNet is read from unet/ (safetensors) by _load_unet.
         try:
-            accelerator.load_state(str(resume_from))
+            self.accelerator.load_state(str(run.resume_from))
         except Exception as error:  # files that looked whole but do not load (damaged inside)
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise DiffDISError(f"could not load {resume_from} ({detail}); move it out of {output} to resume from "
-                               "an earlier checkpoint, or start over with --overwrite") from None
-        global_step = int(resume_state["step"])
-        if main_process:
+            raise DiffDISError(f"could not load {run.resume_from} ({detail}); move it out of {run.output} to resume "
+                               "from an earlier checkpoint, or start over with --overwrite") from None
+        self.global_step = self.last_saved = int(run.resume_state["step"])
+        if run.main_process:
             for log in (LOG_FILE, VAL_LOG_FILE):
-                truncate_log(output / log, global_step)
-        say(f"resumed from {resume_from} at step {global_step}")
+                truncate_log(run.output / log, self.global_step)
+        run.say(f"resumed from {run.resume_from} at step {self.global_step}")
 
-    total_batch = per_step * args.gradient_accumulation_steps
-    say(f"{len(train_samples)} training images, {updates_per_epoch} steps per epoch, {total_steps} steps "
-        f"({num_epochs} epochs), {total_batch} images per step ({args.batch_size} × {accelerator.num_processes} "
-        f"process(es) × {args.gradient_accumulation_steps}), {args.resolution}², "
-        f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}")
+    def check_weights(self, step: int) -> None:
+        """Finite weights, or DiffDISError: never saved as a checkpoint or final/."""
+        import torch
 
-    def save_checkpoint(step: int) -> None:
-        final, partial = output / f"checkpoint-{step}", output / f".checkpoint-{step}.partial"
-        if main_process and partial.exists():
-            shutil.rmtree(partial)
+        parameters = list(self.accelerator.unwrap_model(self.unet).parameters())
+        if not bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()):
+            raise self.diverged(step, "the weights are not finite")
+
+    def save_checkpoint(self, step: int) -> None:
+        """checkpoint-<step>, written in a new temporary folder and renamed when complete: the previous
+        checkpoint stays valid until then."""
+        from accelerate.utils import broadcast_object_list
+
+        run, accelerator = self.run, self.accelerator
+        self.check_weights(step)
+        target = run.output / f"checkpoint-{step}"
+        folder = [make_temporary_folder(target) if run.main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(folder)  # every rank adds its RNG state to the same folder
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        if main_process:
-            state = {"step": step, "epoch": step / updates_per_epoch, "identity": identity,
-                     "args": {k: v for k, v in vars(args).items()}}
-            (partial / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-            if final.exists():  # only when a finished run re-saves its last step
-                shutil.rmtree(final)
-            os.replace(partial, final)  # atomic: the previous checkpoint stays valid until this one is complete
-            if args.keep_checkpoints:
-                for _, old in checkpoints_in(output)[: -args.keep_checkpoints]:
-                    shutil.rmtree(old)
+        accelerator.save_state(str(folder[0]))
         accelerator.wait_for_everyone()
+        if run.main_process:
+            write_json(folder[0] / STATE_FILE, {"step": step, "epoch": step / self.updates_per_epoch,
+                                                "identity": run.identity, "args": vars(self.args)})
+            apply_umask(folder[0])
+            if target.exists():  # only when a finished run re-saves its last step
+                shutil.rmtree(target)
+            os.replace(folder[0], target)
+        accelerator.wait_for_everyone()
+        self.last_saved, self.rotation_due = step, True
 
-    def validate(step: int) -> None:
-        model = accelerator.unwrap_model(unet)
-        val_pipe = DiffDISPipeline(model, vae, scheduler, embed)
+    def remove_old_checkpoints(self) -> None:
+        """All but the newest --keep-checkpoints, once the newest has given a finite loss (a run that
+        diverges keeps every checkpoint from before)."""
+        if self.run.main_process and self.args.keep_checkpoints:
+            for _, old in checkpoints_in(self.run.output)[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.rotation_due = False
+
+    def diverged(self, step: int, what: str) -> DiffDISError:
+        kept = ", ".join(path.name for _, path in checkpoints_in(self.run.output)) or "none yet"
+        return DiffDISError(f"{what} at step {step}: training stopped, no {FINAL_DIR}/ written, every checkpoint "
+                            f"kept ({kept}); lower --lr (now {self.args.lr:g}) or set --max-grad-norm")
+
+    def validate(self, step: int) -> None:
+        import torch
+
+        from diffdis_core import DiffDISPipeline
+
+        from .evaluate import gather_partials, predict_and_score
+        from .metrics import combine
+
+        args, accelerator = self.args, self.accelerator
+        model = accelerator.unwrap_model(self.unet)
+        val_pipe = DiffDISPipeline(model, self.vae, self.scheduler, self.embed)
         with torch.inference_mode():
             partial = predict_and_score(
-                val_pipe, val_samples, processing_res=args.val_resolution or args.resolution, tta=args.val_tta,
-                seed=args.seed, hce=args.val_hce, num_workers=min(2, args.num_workers), progress=main_process,
-                desc=f"validate {args.val_split}",
+                val_pipe, self.data.validation, processing_res=args.val_resolution or args.resolution,
+                tta=args.val_tta, seed=args.seed, hce=args.val_hce, num_workers=min(2, args.num_workers),
+                progress=self.run.main_process, desc=f"validate {args.val_split}",
                 autocast=accelerator.autocast if accelerator.mixed_precision != "no" else None)
         results = combine(gather_partials(partial))
         model.train()
-        if main_process:
-            record = {"step": step, "epoch": round(step / updates_per_epoch, 4), "split": args.val_split, **results}
-            append_json_line(output / VAL_LOG_FILE, record)
-            say(f"step {step} {args.val_split}: " + ", ".join(
+        if self.run.main_process:
+            record = {"step": step, "epoch": round(step / self.updates_per_epoch, 4), "split": args.val_split,
+                      **results}
+            append_json_line(self.run.output / VAL_LOG_FILE, record)
+            self.run.say(f"step {step} {args.val_split}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in results.items() if k != "images"))
 
-    def step_noise_generator(step: int, micro: int) -> torch.Generator:
+    # ------------------------------------------------------------------ the loop
+    def noise_generator(self, step: int, micro: int):
+        import numpy as np
+        import torch
+
         # Noise depends only on (seed, step, micro-batch, process): a resumed run draws the same noise.
-        entropy = np.random.SeedSequence([args.seed, step, micro, accelerator.process_index]).generate_state(2)
-        return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+        entropy = np.random.SeedSequence([self.args.seed, step, micro, self.accelerator.process_index])
+        state = entropy.generate_state(2)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
-    progress = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not main_process,
-                    dynamic_ncols=True)
-    sums = torch.zeros(4, device=accelerator.device)  # loss, mask loss, edge loss, micro-batches
-    steps_since_log, last_log_time = 0, time.perf_counter()
-    last_names: list[str] = []
-    micro = 0
-    last_saved = global_step if resume_from is not None else None
-    first_epoch, skip_batches = divmod(global_step, updates_per_epoch)
-    skip_batches *= args.gradient_accumulation_steps
-    try:
-        for epoch in range(first_epoch, num_epochs):
-            if global_step >= total_steps:
-                break
-            sampler.set_epoch(epoch)
-            epoch_loader = loader
-            if skip_batches:
-                epoch_loader = accelerator.skip_first_batches(loader, skip_batches)
-                skip_batches = 0
-            epoch_loader.set_epoch(epoch)  # keeps accelerate's own epoch counter in step with ours
-            for batch in epoch_loader:
-                with accelerator.accumulate(unet):
-                    with torch.no_grad(), (accelerator.autocast() if vae_autocast else torch.autocast(
-                            accelerator.device.type, enabled=False)):
-                        rgb_latents, target = encode_batch(pipe, batch["image"], batch["mask"], batch["edge"])
-                    generator = step_noise_generator(global_step, micro)
-                    noise = (gaussian_noise_like(target, generator) if args.no_pyramid_noise
-                             else pyramid_noise_like(target, args.pyramid_discount, generator))
-                    losses = one_step_losses(unet, scheduler, embed, rgb_latents, target, noise, args.edge_weight)
-                    accelerator.backward(losses.total)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                sums += torch.stack([losses.total.detach(), losses.mask.detach(), losses.edge.detach(),
-                                     torch.ones((), device=sums.device)])
-                last_names = list(batch["name"])
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                step_lrs = lr_scheduler.get_last_lr()  # the rates this step used
-                lr_scheduler.step()
-                global_step += 1
-                steps_since_log += 1
-                micro = 0
-                progress.update(1)
+    def micro_step(self, batch: dict, micro: int):
+        """One micro-batch: forward, backward and (at the end of an accumulation) the optimizer step."""
+        import torch
 
-                if global_step % args.log_every == 0 or global_step == total_steps:
-                    totals = accelerator.reduce(sums, reduction="sum")
-                    elapsed = time.perf_counter() - last_log_time
-                    count = max(float(totals[3]), 1.0)
-                    record = {
-                        "step": global_step,
-                        "epoch": round(global_step / updates_per_epoch, 4),
-                        "loss": float(totals[0]) / count,
-                        "mask_loss": float(totals[1]) / count,
-                        "edge_loss": float(totals[2]) / count,
-                        "lr": step_lrs[0],
-                        "bde_lr": step_lrs[-1],
-                        "images_per_s": steps_since_log * total_batch / max(elapsed, 1e-9),
-                        "images": last_names,  # the last micro-batch of the main process
-                    }
-                    if torch.cuda.is_available():
-                        record["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                    if main_process:
-                        append_json_line(output / LOG_FILE, record)
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    sums.zero_()
-                    steps_since_log = 0
-                    last_log_time = time.perf_counter()
-                if global_step % args.checkpoint_every == 0:
-                    save_checkpoint(global_step)
-                    last_saved = global_step
-                    last_log_time = time.perf_counter()  # throughput counts training only
-                if args.validate_every and global_step % args.validate_every == 0:
-                    validate(global_step)
-                    last_log_time = time.perf_counter()
-                if global_step >= total_steps:
+        from .recipe import encode_batch, gaussian_noise_like, one_step_losses, pyramid_noise_like
+
+        args, accelerator = self.args, self.accelerator
+        with accelerator.accumulate(self.unet):
+            with torch.no_grad(), (accelerator.autocast() if self.vae_autocast else torch.autocast(
+                    accelerator.device.type, enabled=False)):
+                rgb_latents, target = encode_batch(self.pipe, batch["image"], batch["mask"], batch["edge"])
+            generator = self.noise_generator(self.global_step, micro)
+            noise = (gaussian_noise_like(target, generator) if args.no_pyramid_noise
+                     else pyramid_noise_like(target, args.pyramid_discount, generator))
+            losses = one_step_losses(self.unet, self.scheduler, self.embed, rgb_latents, target, noise,
+                                     args.edge_weight)
+            accelerator.backward(losses.total)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(self.unet.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    def loop(self) -> None:
+        import torch
+        from tqdm.auto import tqdm
+
+        args, accelerator, run = self.args, self.accelerator, self.run
+        run.say(f"{len(self.data.train)} training images, {self.updates_per_epoch} steps per epoch, "
+                f"{self.total_steps} steps ({self.num_epochs} epochs), {self.images_per_step} images per step "
+                f"({args.batch_size} × {accelerator.num_processes} process(es) × {args.gradient_accumulation_steps}),"
+                f" {args.resolution}², mixed precision {accelerator.mixed_precision}, device {accelerator.device}")
+        self.progress = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+                             disable=not run.main_process, dynamic_ncols=True)
+        self.sums = torch.zeros(5, device=accelerator.device)  # loss, mask, edge, micro-batches, non-finite losses
+        self.since_log = (self.global_step, time.perf_counter())  # the step and time of the last log line
+        micro = 0
+        first_epoch, skip_batches = divmod(self.global_step, self.updates_per_epoch)
+        skip_batches *= args.gradient_accumulation_steps
+        try:
+            for epoch in range(first_epoch, self.num_epochs):
+                if self.global_step >= self.total_steps:
                     break
-    except KeyboardInterrupt:
-        progress.close()
-        kept = checkpoints_in(output)
-        print(f"interrupted at step {global_step}; "
-              + (f"{kept[-1][1].name} is intact: continue with --resume" if kept else "no checkpoint yet"),
-              file=sys.stderr)
-        raise
-    finally:
-        progress.close()  # also before an error's message (e.g. an unreadable image)
+                self.sampler.set_epoch(epoch)
+                epoch_loader = self.loader
+                if skip_batches:
+                    epoch_loader = accelerator.skip_first_batches(self.loader, skip_batches)
+                    skip_batches = 0
+                epoch_loader.set_epoch(epoch)  # keeps accelerate's own epoch counter in step with ours
+                for batch in epoch_loader:
+                    losses = self.micro_step(batch, micro)
+                    total = losses.total.detach()
+                    self.sums += torch.stack([total, losses.mask.detach(), losses.edge.detach(),
+                                              torch.ones_like(total), (~torch.isfinite(total)).float()])
+                    self.last_names = list(batch["name"])
+                    micro += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    micro = 0
+                    self.end_step()
+                    if self.global_step >= self.total_steps:
+                        break
+        except KeyboardInterrupt:
+            self.progress.close()
+            kept = checkpoints_in(run.output)
+            print(f"interrupted at step {self.global_step}; "
+                  + (f"{kept[-1][1].name} is intact: continue with --resume" if kept else "no checkpoint yet"),
+                  file=sys.stderr)
+            raise
+        finally:
+            self.progress.close()  # also before an error's message (e.g. an unreadable image)
 
-    if last_saved != global_step:
-        save_checkpoint(global_step)  # lets a finished run be extended with --resume --max-steps
-    if args.validate_every and global_step % args.validate_every:
-        validate(global_step)
-    final = output / FINAL_DIR
-    if main_process:
-        staging, old = output / ".final.partial", output / ".final.old"
-        for leftover in (staging, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-        model = accelerator.unwrap_model(unet).eval()
-        DiffDISPipeline(model, vae, scheduler, embed.cpu()).save_pretrained(staging)
-        (staging / "training_args.json").write_text(json.dumps(vars(args), indent=2), encoding="utf-8")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        if old.exists():
-            shutil.rmtree(old)
-        say(f"done: {global_step} steps; model in {final} (DiffDISPipeline.from_pretrained('{final}', base=None))")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(final, global_step, accelerator.unwrap_model(unet))
+    def end_step(self) -> None:
+        """After an optimizer step: stop on a non-finite loss; then the log line, checkpoint and validation due."""
+        args, accelerator = self.args, self.accelerator
+        if float(accelerator.reduce(self.sums[4:], reduction="sum")) > 0:  # every process stops alike
+            raise self.diverged(self.global_step + 1, "the loss is not finite")
+        if self.rotation_due:
+            self.remove_old_checkpoints()
+        step_lrs = self.lr_scheduler.get_last_lr()  # the rates this step used
+        self.lr_scheduler.step()
+        self.global_step += 1
+        step = self.global_step
+        self.progress.update(1)
+        if step % args.log_every == 0 or step == self.total_steps:
+            self.log(step, step_lrs)
+        if step % args.checkpoint_every == 0:
+            self.save_checkpoint(step)
+        if args.validate_every and step % args.validate_every == 0:
+            self.validate(step)
+        if step % args.checkpoint_every == 0 or (args.validate_every and step % args.validate_every == 0):
+            self.since_log = (self.since_log[0], time.perf_counter())  # throughput counts training only
+
+    def log(self, step: int, step_lrs: list[float]) -> None:
+        """A train_log.jsonl line: the means over every process since the last line."""
+        import torch
+
+        totals = self.accelerator.reduce(self.sums, reduction="sum")
+        steps, since = self.since_log
+        count = max(float(totals[3]), 1.0)
+        record = {
+            "step": step,
+            "epoch": round(step / self.updates_per_epoch, 4),
+            "loss": float(totals[0]) / count,
+            "mask_loss": float(totals[1]) / count,
+            "edge_loss": float(totals[2]) / count,
+            "lr": step_lrs[0],
+            "bde_lr": step_lrs[-1],
+            "images_per_s": (step - steps) * self.images_per_step / max(time.perf_counter() - since, 1e-9),
+            "images": self.last_names,  # the last micro-batch of the main process
+        }
+        if torch.cuda.is_available():
+            record["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if self.run.main_process:
+            append_json_line(self.run.output / LOG_FILE, record)
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        self.sums.zero_()
+        self.since_log = (step, time.perf_counter())
+
+    def finish(self) -> TrainResult:
+        """The last checkpoint (a finished run can be extended with --resume --max-steps), the last
+        validation, and final/: a complete model folder, written in a temporary folder and renamed."""
+        from diffdis_core import DiffDISPipeline
+
+        args, run, step = self.args, self.run, self.global_step
+        if self.last_saved != step:
+            self.save_checkpoint(step)  # (checks the weights)
+        self.remove_old_checkpoints()
+        if args.validate_every and step % args.validate_every:
+            self.validate(step)
+        final = run.output / FINAL_DIR
+        if run.main_process:
+            old = run.output / f".{FINAL_DIR}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            staging = make_temporary_folder(final)
+            model = self.accelerator.unwrap_model(self.unet).eval()
+            DiffDISPipeline(model, self.vae, self.scheduler, self.embed.cpu()).save_pretrained(staging)
+            write_json(staging / "training_args.json", vars(args))
+            apply_umask(staging)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(staging, final)
+            if old.exists():
+                shutil.rmtree(old)
+            run.say(f"done: {step} steps; model in {final} (DiffDISPipeline.from_pretrained('{final}', base=None))")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return TrainResult(final, step, self.accelerator.unwrap_model(self.unet))
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    run = open_run(args)
+    data = find_data(run)
+    find_resume_point(run, data)
+    model = load_model(run)
+    edge_folder = prepare_output(run, data)  # the first phase that changes the output folder
+    training = Training(run, data, model, edge_folder)
+    training.resume()
+    training.loop()
+    return training.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def train_command() -> int:
         train(args)
-    except DiffDISError as error:
-        print(f"error: {error_line(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        return 0
+
+    return run_main(train_command)
 
 
 if __name__ == "__main__":
