@@ -658,3 +658,28 @@ def test_nan_pixels_in_a_float_image_are_named_as_the_inputs_problem(tmp_path, o
     failed = [line for line in err.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "depth.tif" in failed[0] and "3 of its pixels are NaN" in failed[0]
     assert "weights" not in err and (tmp_path / "out" / "good.png").is_file()
+
+
+def test_a_link_made_after_planning_still_never_lets_a_result_replace_an_input(tmp_path, official_tiny, capsys,
+                                                                              monkeypatch):
+    """The resolved target is checked again as it is written: a folder swapped for a link meanwhile
+    (another program, a concurrent run) is caught."""
+    from diffdis_core import cli as cli_module
+
+    shoot = tmp_path / "shoot"
+    (shoot / "sub").mkdir(parents=True)
+    noise_image(16, 16, seed=1).save(shoot / "sub" / "a.png")
+    before = (shoot / "sub" / "a.png").read_bytes()
+    out = tmp_path / "out"
+    planned = cli_module.plan_tasks
+
+    def plan_then_link(*args, **kwargs):
+        tasks = planned(*args, **kwargs)
+        (out / "sub").symlink_to(shoot / "sub")
+        return tasks
+
+    monkeypatch.setattr(cli_module, "plan_tasks", plan_then_link)
+    assert cli(official_tiny, str(shoot), "--recursive", "--output", str(out), "--overwrite") == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "a.png" in failed[0] and "would overwrite an input" in failed[0]
+    assert (shoot / "sub" / "a.png").read_bytes() == before
