@@ -376,10 +376,21 @@ def plan_tasks(inputs: Inputs, output: Path, kinds: list[str]) -> list[Task]:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    """What a result depends on besides its input, stored in it (a result made otherwise is redone)."""
+    """What the results depend on besides their input (each kind records its part: ``settings_for``)."""
     return {"model": args.model, "base": args.base, "resolution": args.resolution, "seed": args.seed,
             "tta": args.tta, "ensemble": args.ensemble, "normalize": not args.no_normalize,
-            "refine_edges": not args.no_refine_edges, "refine_foreground": not args.no_refine_foreground}
+            "refine_edges": not args.no_refine_edges, "refine_foreground": not args.no_refine_foreground,
+            "keep_input_alpha": args.keep_input_alpha}
+
+
+# Settings a kind of result does not depend on: left out of it, so changing them does not redo it.
+SETTINGS_NOT_USED = {"cutout": set(), "mask": {"refine_foreground", "keep_input_alpha"},
+                     "edge": {"refine_edges", "refine_foreground", "keep_input_alpha"}}
+
+
+def settings_for(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a result of ``kind`` records (a result made with others is redone)."""
+    return {key: value for key, value in settings.items() if key not in SETTINGS_NOT_USED[kind]}
 
 
 def classify(task: Task, overwrite: bool, settings: dict[str, Any]) -> None:
@@ -412,7 +423,7 @@ def classify(task: Task, overwrite: bool, settings: dict[str, Any]) -> None:
             reasons[kind] = "made by an older version"  # one that did not record its input
         elif match == CHANGED:
             reasons[kind] = "input changed"
-        elif info.get("settings") != settings:
+        elif info.get("settings") != settings_for(kind, settings):
             reasons[kind] = "other settings"
         elif not is_whole_png(target):
             reasons[kind] = "result incomplete"
@@ -485,7 +496,8 @@ class Worker:
         if self.inputs.hit_by(target):  # checked again as it is written: folders may have changed since
             raise DiffDISError(f"its result {target} would overwrite an input; choose another --output")
         try:
-            save_image(image, target, {"kind": kind, "settings": self.settings, "input": task.source.record(),
+            save_image(image, target, {"kind": kind, "settings": settings_for(kind, self.settings),
+                                       "input": task.source.record(),
                                        **info})
         except OSError as error:
             raise DiffDISError(f"cannot write {target} ({error.strerror or error})") from None

@@ -683,3 +683,25 @@ def test_a_link_made_after_planning_still_never_lets_a_result_replace_an_input(t
     failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "a.png" in failed[0] and "would overwrite an input" in failed[0]
     assert (shoot / "sub" / "a.png").read_bytes() == before
+
+
+def test_a_setting_redoes_only_the_results_that_depend_on_it(tmp_path, official_tiny, capsys):
+    pixels = np.asarray(noise_image(16, 16)).copy()
+    alpha = np.full((16, 16), 255, np.uint8)
+    alpha[:8] = 0
+    Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "a.png"), "--output", str(out), "--save-mask", "--save-edge"]
+    assert cli(official_tiny, *args) == 0
+    capsys.readouterr()
+    mask, edge = (out / "a_mask.png").read_bytes(), (out / "a_edge.png").read_bytes()
+    # --keep-input-alpha changes the cutout only: it alone is redone (from its own model run).
+    assert cli(official_tiny, *args, "--keep-input-alpha") == 0
+    assert summary(capsys.readouterr().err).startswith("1 written (1 redone: 1 other settings)")
+    assert np.asarray(Image.open(out / "a.png"))[:8, :, 3].max() == 0
+    assert (out / "a_mask.png").read_bytes() == mask and (out / "a_edge.png").read_bytes() == edge
+    # The masks and edges do not depend on how the cutout's colours are made.
+    assert cli(official_tiny, *args, "--keep-input-alpha", "--no-refine-foreground") == 0
+    capsys.readouterr()
+    assert (out / "a_mask.png").read_bytes() == mask and (out / "a_edge.png").read_bytes() == edge
+    assert result_info(out / "a.png")["settings"]["refine_foreground"] is False
