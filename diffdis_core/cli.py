@@ -284,11 +284,14 @@ class Source:
     def sha256(self) -> str:
         if self.digest is None:
             digest = hashlib.sha256()
-            # Not blocking: a FIFO swapped in since the check reads as empty instead of hanging.
-            descriptor = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-            with os.fdopen(descriptor, "rb") as stream:
-                for block in iter(lambda: stream.read(1 << 20), b""):
-                    digest.update(block)
+            try:
+                # Not blocking: a FIFO swapped in since the check reads as empty instead of hanging.
+                descriptor = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+                with os.fdopen(descriptor, "rb") as stream:
+                    for block in iter(lambda: stream.read(1 << 20), b""):
+                        digest.update(block)
+            except OSError as error:
+                raise DiffDISError(f"{self.path}: cannot read it ({error.strerror or error})") from None
             self.digest = digest.hexdigest()
         return self.digest
 

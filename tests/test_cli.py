@@ -705,3 +705,10 @@ def test_a_setting_redoes_only_the_results_that_depend_on_it(tmp_path, official_
     capsys.readouterr()
     assert (out / "a_mask.png").read_bytes() == mask and (out / "a_edge.png").read_bytes() == edge
     assert result_info(out / "a.png")["settings"]["refine_foreground"] is False
+
+
+def test_an_input_that_cannot_be_read_for_its_fingerprint_is_one_line(tmp_path):
+    from diffdis_core.cli import Source
+
+    with pytest.raises(DiffDISError, match="cannot read it"):
+        Source(str(tmp_path), 0, 0).sha256()  # a folder: opens, but reading fails like an unreadable file
