@@ -2,7 +2,8 @@
 
 Each input gives ``DIR/<name>.png`` (the image with the predicted mask as alpha, at its displayed
 size) and, when asked, ``<name>_mask.png`` / ``<name>_edge.png``; folders searched with ``--recursive``
-are mirrored under DIR. Runs are resumable: results already in DIR are kept and counted as done, and
+are mirrored under DIR. Runs are resumable: a result already in DIR is kept and counted as done when it
+was made from the same input with the same settings and reads back whole (else it is redone), and
 missing extras are added. A problem with one input is one line naming it; the others go on, and the
 exit code is 1. Under ``accelerate launch`` the inputs are shared between the processes. See docs/cli.md.
 """
@@ -10,27 +11,30 @@ exit code is 1. Under ``accelerate launch`` the inputs are shared between the pr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import stat
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .commandline import EXIT_OK, EXIT_SOME_FAILED, OneLineErrorParser, base_option, number, run_main
 from .errors import DiffDISError
 from .image_io import DEFAULT_MAX_MEGAPIXELS, IMAGE_EXTENSIONS
 from .spec import DEFAULT_BASE, DEFAULT_MODEL
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 SUFFIXES = {"cutout": "", "mask": "_mask", "edge": "_edge"}
 ALPHA_IS_MASK, ALPHA_TIMES_INPUT = "mask", "mask x input alpha"
 GLOB_CHARS = set("*?[")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="diffdis",
         description="Cut the foreground out of images with DiffDIS (one-step diffusion segmentation). "
                     "Re-running a command resumes it: finished results are kept.",
@@ -41,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", required=True, help="folder for the results (created if missing)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model folder, UNet .safetensors file or Hugging Face repo id (default {DEFAULT_MODEL})")
-    parser.add_argument("--base", default=DEFAULT_BASE,
+    parser.add_argument("--base", default=DEFAULT_BASE, type=base_option,
                         help="SD-Turbo folder or repo for parts the model lacks (VAE, text encoder); "
                              f"only read when needed; 'none' for no base (default {DEFAULT_BASE})")
     parser.add_argument("--resolution", type=int, default=1024,
                         help="processing resolution, a multiple of 64, of 256 with --tta (default 1024, as trained)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same mask")
+    parser.add_argument("--seed", type=number(int, -2**63, 2**64 - 1), default=0,  # what torch's generator takes
+                        help="noise seed; the same seed gives the same mask")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA, XPU, MPS, else CPU), cpu, cuda, cuda:1, mps; under accelerate launch: "
                              "auto (each process its own GPU) or cpu")
@@ -69,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-input-alpha", action="store_true",
                         help="multiply an input's own transparency into the cutout's alpha (default: the cutout's "
                              "alpha is the predicted mask; the input's alpha is ignored)")
-    parser.add_argument("--overwrite", action="store_true", help="redo and replace results that already exist")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo and replace results that already exist, also ones DiffDIS did not write "
+                             "(never an input)")
     parser.add_argument("--recursive", action="store_true",
                         help="also search subfolders of folder inputs; the results mirror the folder tree")
-    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+    parser.add_argument("--max-megapixels", type=number(float, 0), default=DEFAULT_MAX_MEGAPIXELS,
                         help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS}; 0: no limit); an image "
                              "takes 4 to 7 bytes a pixel besides the model, 55 to 75 with the default refinements "
                              "(25 with --no-refine-foreground)")
@@ -156,6 +163,27 @@ def _match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
         and fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
 
 
+NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file (None: it is a regular file). A FIFO or device is
+    never opened: reading one can block forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symbolic link (it points to {os.readlink(path)})"
+        return "no such file"
+    except OSError as error:
+        return f"cannot read it ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in NOT_REGULAR if test(mode)), "not a regular file")
+    return f"{kind}, not an image file"
+
+
 def collect_inputs(arguments: list[str], recursive: bool, output: Path | None = None) -> Inputs:
     """Expand files, folders and glob patterns into jobs (deduplicated, in argument order, sorted within
     one), naming every input that will not be processed."""
@@ -197,11 +225,13 @@ def collect_inputs(arguments: list[str], recursive: bool, output: Path | None = 
                 ignored.append(file.name)
                 continue
             images += 1
-            if not os.path.exists(file):
-                found.failures.append(f"{file}: broken symbolic link (it points to {os.readlink(file)})")
-                continue
             real = os.path.realpath(file)
             if real in seen:
+                continue
+            problem = _not_a_file(file)
+            if problem is not None:
+                seen.add(real)  # named once, however many arguments reach it
+                found.failures.append(f"{file}: {problem}")
                 continue
             if not explicit and output_real is not None and real.startswith(output_real + os.sep) \
                     and result_info(file) is not None:
@@ -222,13 +252,102 @@ def collect_inputs(arguments: list[str], recursive: bool, output: Path | None = 
 
 
 # ---------------------------------------------------------------------------------------------- plan
+SAME, CHANGED, OTHER = "same", "changed", "other"
+# Why an existing result is redone, most telling first (a task counts once, for its first reason).
+REDO_REASONS = ("by --overwrite", "input changed", "other settings", "result incomplete", "made by an older version")
+
+
+@dataclass
+class Source:
+    """The input a result is made from, as the result records it (``"input"`` in its metadata): the
+    resolved path, size, modification time and SHA-256 of the content. A result matches its input the
+    way rsync decides a file is up to date: same path, size and time, else the same content."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    digest: str | None = None  # hashed when first needed
+
+    @classmethod
+    def of(cls, file: Path, known: Source | None = None) -> Source:
+        """``file`` now; ``known``'s digest is reused when path, size and time are unchanged."""
+        problem = _not_a_file(file)
+        if problem is not None:
+            raise DiffDISError(f"{file}: {problem}")
+        status = os.stat(file)
+        source = cls(os.path.realpath(file), status.st_size, status.st_mtime_ns)
+        if known is not None and (known.path, known.size, known.mtime_ns) == (source.path, source.size,
+                                                                               source.mtime_ns):
+            source.digest = known.digest
+        return source
+
+    def sha256(self) -> str:
+        if self.digest is None:
+            digest = hashlib.sha256()
+            try:
+                # Not blocking: a FIFO swapped in since the check reads as empty instead of hanging.
+                descriptor = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+                with os.fdopen(descriptor, "rb") as stream:
+                    for block in iter(lambda: stream.read(1 << 20), b""):
+                        digest.update(block)
+            except OSError as error:
+                raise DiffDISError(f"{self.path}: cannot read it ({error.strerror or error})") from None
+            self.digest = digest.hexdigest()
+        return self.digest
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "sha256": self.sha256()}
+
+    def compare(self, recorded: dict[str, Any]) -> str:
+        """SAME: the recorded input is this one, unchanged (or a copy: the same content); CHANGED: this
+        path, other content; OTHER: another input's result."""
+        if (recorded.get("path"), recorded.get("size"), recorded.get("mtime_ns")) == (self.path, self.size,
+                                                                                      self.mtime_ns):
+            return SAME
+        if recorded.get("size") == self.size and recorded.get("sha256") == self.sha256():
+            return SAME
+        return CHANGED if recorded.get("path") == self.path else OTHER
+
+
+class InputFiles:
+    """Where the inputs are, every way a target could reach one: the name as found, the resolved file,
+    and the file itself (a hard link)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.names, self.files = set(), set()
+        for job in jobs:
+            self.names.update({_resolved_name(job.source), os.path.realpath(job.source)})
+            try:
+                status = os.stat(job.source)
+                self.files.add((status.st_dev, status.st_ino))
+            except OSError:
+                pass
+
+    def hit_by(self, target: Path) -> bool:
+        """Whether writing ``target`` (a rename onto its name) would replace an input."""
+        if _resolved_name(target) in self.names or os.path.realpath(target) in self.names:
+            return True
+        try:
+            status = os.stat(target)
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) in self.files
+
+
+def _resolved_name(path: Path) -> str:
+    """``path`` with its folder resolved (links included) but not its last component: the directory
+    entry a rename onto ``path`` replaces."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
 @dataclass
 class Task:
     job: Job
     targets: dict[str, Path]  # kind (cutout, mask, edge) -> result file
     kinds: tuple[str, ...] = ()  # the results to make with the model
     mask_from_cutout: bool = False  # the missing mask is the finished cutout's alpha
-    other_settings: bool = False
+    redone: str | None = None  # why results already there are replaced (REDO_REASONS), None if none are
+    source: Source | None = None  # the input, as classify found it
 
     @property
     def done(self) -> bool:
@@ -236,60 +355,88 @@ class Task:
 
 
 def plan_tasks(inputs: Inputs, output: Path, kinds: list[str]) -> list[Task]:
-    """Result paths per job; a job whose results would overwrite an input or another job's results is
-    a failure (named in ``inputs.failures``)."""
-    input_paths = {os.path.realpath(job.source) for job in inputs.jobs}
-    output_real = os.path.realpath(output)
+    """Result paths per job; a job whose results would overwrite an input (found through links too) or
+    another job's results is a failure (named in ``inputs.failures``)."""
+    input_files = InputFiles(inputs.jobs)
     owner: dict[str, Job] = {}
     tasks = []
     for job in inputs.jobs:
         targets = {kind: output / job.name.parent / f"{job.name.name}{SUFFIXES[kind]}.png" for kind in kinds}
-        real = {kind: os.path.join(output_real, os.path.relpath(t, output)) for kind, t in targets.items()}
-        clash = next((targets[k] for k, r in real.items() if r in input_paths), None)
+        clash = next((target for target in targets.values() if input_files.hit_by(target)), None)
         if clash is not None:
             inputs.failures.append(f"{job.source}: its result {clash} would overwrite an input; "
                                    "choose another --output")
             continue
-        twin = next((owner[r] for r in real.values() if r in owner), None)
+        real = [_resolved_name(target) for target in targets.values()]
+        twin = next((owner[r] for r in real if r in owner), None)
         if twin is not None:
             inputs.failures.append(f"{job.source}: its result name is taken by {twin.source}; "
                                    "run it with another --output")
             continue
-        owner.update({r: job for r in real.values()})
+        owner.update({r: job for r in real})
         tasks.append(Task(job, targets))
     return tasks
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    """What a result depends on, stored in it (a resumed run with other settings is pointed out)."""
+    """What the results depend on besides their input (each kind records its part: ``settings_for``)."""
     return {"model": args.model, "base": args.base, "resolution": args.resolution, "seed": args.seed,
             "tta": args.tta, "ensemble": args.ensemble, "normalize": not args.no_normalize,
-            "refine_edges": not args.no_refine_edges, "refine_foreground": not args.no_refine_foreground}
+            "refine_edges": not args.no_refine_edges, "refine_foreground": not args.no_refine_foreground,
+            "keep_input_alpha": args.keep_input_alpha}
+
+
+# Settings a kind of result does not depend on: left out of it, so changing them does not redo it.
+SETTINGS_NOT_USED = {"cutout": set(), "mask": {"refine_foreground", "keep_input_alpha"},
+                     "edge": {"refine_edges", "refine_foreground", "keep_input_alpha"}}
+
+
+def settings_for(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a result of ``kind`` records (a result made with others is redone)."""
+    return {key: value for key, value in settings.items() if key not in SETTINGS_NOT_USED[kind]}
 
 
 def classify(task: Task, overwrite: bool, settings: dict[str, Any]) -> None:
     """Decide what ``task`` needs from the results already there: nothing, the mask from the cutout's
-    alpha, and/or a model run writing only the missing results. Raises DiffDISError for a file in the
-    way that DiffDIS did not write."""
-    from .image_io import result_info
+    alpha, and/or a model run writing the results that are missing or out of date. A result is up to
+    date (make's word) when it records this input (``Source.compare``) and these settings and reads
+    back whole. Raises DiffDISError for a file in the way that DiffDIS did not write, or that is
+    another input's result."""
+    from .image_io import is_whole_png, result_info
 
+    task.source = Source.of(task.job.source)
+    existing = [kind for kind, target in task.targets.items() if os.path.lexists(target)]
     if overwrite:
         task.kinds = tuple(task.targets)
+        task.redone = "by --overwrite" if existing else None
         return
-    infos = {}
-    for kind, target in task.targets.items():
-        if not os.path.lexists(target):
-            continue
-        info = result_info(target)
+    reasons: dict[str, str] = {}  # kind -> why it is redone
+    for kind in existing:
+        target = task.targets[kind]
+        info = result_info(target) if _not_a_file(target) is None else None  # never opens a FIFO
         if info is None or info.get("kind") != kind:
             raise DiffDISError(f"{target} exists and is not a DiffDIS {kind}; use --overwrite to replace it, "
                                "or another --output")
-        infos[kind] = info
-    task.other_settings = any(info.get("settings") != settings for info in infos.values())
-    missing = tuple(kind for kind in task.targets if kind not in infos)
-    # The same numbers as the cutout's alpha, at no cost (a new run may differ in the last bit).
-    task.mask_from_cutout = "mask" in missing and infos.get("cutout", {}).get("alpha") == ALPHA_IS_MASK
-    task.kinds = tuple(kind for kind in missing if not (kind == "mask" and task.mask_from_cutout))
+        recorded = info.get("input")
+        match = task.source.compare(recorded) if isinstance(recorded, dict) else None
+        if match == OTHER:
+            raise DiffDISError(f"{target} is the result of another input, {recorded.get('path')}; "
+                               "give another --output (or --overwrite to replace it)")
+        if match is None:
+            reasons[kind] = "made by an older version"  # one that did not record its input
+        elif match == CHANGED:
+            reasons[kind] = "input changed"
+        elif info.get("settings") != settings_for(kind, settings):
+            reasons[kind] = "other settings"
+        elif not is_whole_png(target):
+            reasons[kind] = "result incomplete"
+        elif kind == "cutout" and info.get("alpha") == ALPHA_IS_MASK:
+            # The same numbers as the cutout's alpha, at no cost (a new run may differ in the last bit).
+            task.mask_from_cutout = True
+    needed = [kind for kind in task.targets if kind not in existing or kind in reasons]
+    task.mask_from_cutout = task.mask_from_cutout and "mask" in needed
+    task.kinds = tuple(kind for kind in needed if not (kind == "mask" and task.mask_from_cutout))
+    task.redone = next((reason for reason in REDO_REASONS if reason in reasons.values()), None)
 
 
 # ---------------------------------------------------------------------------------------------- work
@@ -327,8 +474,8 @@ def describe_failure(error: BaseException, source: Path) -> str:
 class Worker:
     """Runs one task: loads the image, runs the pipeline, writes the results it lacks."""
 
-    def __init__(self, pipe: Any, args: argparse.Namespace, settings: dict[str, Any]):
-        self.pipe, self.args, self.settings = pipe, args, settings
+    def __init__(self, pipe: Any, args: argparse.Namespace, settings: dict[str, Any], inputs: InputFiles):
+        self.pipe, self.args, self.settings, self.inputs = pipe, args, settings, inputs
         self.max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
 
     def __call__(self, task: Task) -> None:
@@ -337,6 +484,9 @@ class Worker:
                 target.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise DiffDISError(f"cannot create the folder {target.parent} ({error.strerror})") from None
+        # Fingerprinted before it is read: an input changed meanwhile is redone by the next run.
+        task.source = Source.of(task.job.source, known=task.source)
+        task.source.sha256()
         if task.mask_from_cutout:
             self._derive_mask(task)
         if task.kinds:
@@ -346,8 +496,12 @@ class Worker:
         from .image_io import save_image
 
         target = task.targets[kind]
+        if self.inputs.hit_by(target):  # checked again as it is written: folders may have changed since
+            raise DiffDISError(f"its result {target} would overwrite an input; choose another --output")
         try:
-            save_image(image, target, {"kind": kind, "settings": self.settings, **info})
+            save_image(image, target, {"kind": kind, "settings": settings_for(kind, self.settings),
+                                       "input": task.source.record(),
+                                       **info})
         except OSError as error:
             raise DiffDISError(f"cannot write {target} ({error.strerror or error})") from None
 
@@ -410,9 +564,8 @@ def load_pipeline(args: argparse.Namespace, device: Any) -> Any:
     from .hub import option_names
     from .pipeline import DiffDISPipeline
 
-    base = None if args.base.lower() == "none" else args.base
     with option_names(model="--model ", base="--base "):
-        return DiffDISPipeline.from_pretrained(args.model, base=base, torch_dtype=pick_dtype(args.dtype, device),
+        return DiffDISPipeline.from_pretrained(args.model, base=args.base, torch_dtype=pick_dtype(args.dtype, device),
                                                device=device, compile=args.compile)
 
 
@@ -422,8 +575,6 @@ def run(args: argparse.Namespace) -> int:
     check_processing_res(args.resolution, tta=args.tta, name="--resolution")
     if args.ensemble < 1:
         raise DiffDISError(f"--ensemble must be at least 1, got {args.ensemble}")
-    if args.max_megapixels < 0:
-        raise DiffDISError(f"--max-megapixels must be 0 (no limit) or more, got {args.max_megapixels:g}")
     output = Path(os.path.expanduser(args.output))
     prepare_output(output)
 
@@ -447,7 +598,7 @@ def run(args: argparse.Namespace) -> int:
     # Each process takes every world-th task: shares stay even when a resumed run finds a prefix done.
     mine = tasks[rank::world]
     settings = settings_of(args)
-    counts = {"written": 0, "done": 0, "failed": len(inputs.failures) if is_main else 0, "other_settings": 0}
+    counts = Counter(written=0, done=0, failed=len(inputs.failures) if is_main else 0)
     todo = []
     for task in mine:
         try:
@@ -456,7 +607,6 @@ def run(args: argparse.Namespace) -> int:
             say(describe_failure(error, task.job.source), always=True)
             counts["failed"] += 1
             continue
-        counts["other_settings"] += task.other_settings
         if task.done:
             counts["done"] += 1
         else:
@@ -465,31 +615,34 @@ def run(args: argparse.Namespace) -> int:
     started = None
     if any(_gather(state, [bool(todo)])):
         pipe = _load_on_each(state, args, any(task.kinds for task in todo))
-        worker = Worker(pipe, args, settings)
+        worker = Worker(pipe, args, settings, InputFiles(inputs.jobs))
         started = time.perf_counter()
         for task in _progress(todo, is_main, world):
             try:
                 worker(task)
                 counts["written"] += 1
+                if task.redone:
+                    counts[f"redone: {task.redone}"] += 1
             except Exception as error:  # any per-image failure: one line, the batch goes on
                 say(describe_failure(error, task.job.source), always=True)
                 counts["failed"] += 1
 
-    total = {key: sum(c[key] for c in _gather(state, [counts])) for key in counts}
+    total = sum(_gather(state, [counts]), Counter())
     if state is not None:
         state.destroy_process_group()  # together, so no process exits while another still talks to it
     elapsed = time.perf_counter() - started if started is not None else 0.0  # after the model loaded
     if is_main:
         rate = f", {total['written'] / elapsed:.2f} images/s" if total["written"] and elapsed > 0 else ""
-        summary = f"{total['written']} written, {total['done']} already done, {total['failed']} failed"
+        redone = {key.split(": ", 1)[1]: total[key] for key in sorted(total) if key.startswith("redone: ")}
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(
+            redone.items(), key=lambda item: REDO_REASONS.index(item[0])))
+        written = f"{total['written']} written" + (f" ({sum(redone.values())} redone: {why})" if redone else "")
+        summary = f"{written}, {total['done']} already done, {total['failed']} failed"
         if not total["written"] and not total["failed"] and total["done"]:
             summary += ": all inputs were already done"
         elif not (total["written"] or total["failed"] or total["done"]):
             summary += ": no inputs"
         say(f"{summary} ({output}; {elapsed:.1f} s{rate})")
-        if total["other_settings"]:
-            say(f"note: {total['other_settings']} existing result(s) were made with other settings (model, "
-                "resolution, seed, ...); --overwrite redoes them")
     return EXIT_SOME_FAILED if total["failed"] or not (total["written"] or total["done"]) else EXIT_OK
 
 
@@ -552,16 +705,12 @@ def _printer(is_main: bool) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The exit code of ``diffdis argv``: --help and usage errors (one line, printed) included."""
     try:
-        return run(args)
-    except DiffDISError as error:
-        if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once (every process meets it)
-            print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else EXIT_OK
+    return run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,11 @@ def _number(kind: type, text: str) -> int | float:
     return value
 
 
+def _shown(bound: float) -> str:
+    """A bound as the user types it: whole numbers in full (a seed's 18446744073709551615, not 1.84467e+19)."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 def number(kind: type = float, low: float | None = None, high: float | None = None,
            low_open: bool = False) -> Callable[[str], int | float]:
     """An argparse ``type`` for a finite ``kind`` (int or float) in [low, high] (``low_open``: > low)."""
@@ -66,9 +71,9 @@ def number(kind: type = float, low: float | None = None, high: float | None = No
     def parse(text: str) -> int | float:
         value = _number(kind, text)
         if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low:g}")
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {_shown(low)}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{text} must be <= {high:g}")
+            raise argparse.ArgumentTypeError(f"{text} must be <= {_shown(high)}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

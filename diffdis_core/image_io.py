@@ -47,6 +47,7 @@ class LoadedImage:
     has_alpha: bool
     deep: np.ndarray | None = None
     deep_peak: float = 255.0
+    nan_pixels: int = 0  # float images: pixels that are NaN (0 in ``rgba``)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -80,7 +81,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Loaded
                         "limit) if this machine has the memory")
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)
-                return _loaded(image)
+                loaded = _loaded(image)
     except FileNotFoundError:
         raise DiffDISError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -93,6 +94,10 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Loaded
         raise DiffDISError(f"{path}: not enough memory to decode it") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise DiffDISError(f"{path}: unreadable image ({error})") from None
+    if loaded.nan_pixels:  # NaN would run through the model and look like damaged weights
+        raise DiffDISError(f"{path}: {loaded.nan_pixels} of its pixels are NaN (not a number), so there is "
+                           "nothing to segment there; fill them in (or save the image without them) and run it again")
+    return loaded
 
 
 def pil_to_rgb_tensor(image: Image.Image) -> torch.Tensor:
@@ -107,18 +112,24 @@ def _loaded(image: Image.Image) -> LoadedImage:
     deep = np.asarray(image) if image.mode in HIGH_BIT_DEPTH_MODES else None
     peak = _deep_peak(image) if deep is not None else 255.0
     has_alpha = "A" in image.getbands() or "transparency" in image.info
+    nan_pixels = 0
     step = max(1, BAND_ELEMENTS // max(1, width))
     for top in range(0, height, step):
         if deep is not None:
             # Through float: PIL's own conversion clips 16-bit values to 8 bits.
-            gray = np.round(_deep_to_unit(deep[top:top + step], peak) * 255).astype(np.uint8)
+            unit = _deep_to_unit(deep[top:top + step], peak)
+            nan = np.isnan(unit)
+            if nan.any():
+                nan_pixels += int(nan.sum())
+                unit[nan] = 0
+            gray = np.round(unit * 255).astype(np.uint8)
             rgba[top:top + step, :, :3] = gray[..., None]
             rgba[top:top + step, :, 3] = 255
         else:
             # Through RGBA, so palette transparency is honoured; CMYK, YCbCr, LA, ... all convert.
             band = image.crop((0, top, width, min(height, top + step)))
             rgba[top:top + step] = np.asarray(band if band.mode == "RGBA" else _to_rgba(band))
-    return LoadedImage(rgba, has_alpha, deep, peak)
+    return LoadedImage(rgba, has_alpha, deep, peak, nan_pixels)
 
 
 def _to_rgba(band: Image.Image) -> Image.Image:
@@ -243,6 +254,19 @@ def save_image(image: Image.Image, path: str | os.PathLike, info: dict[str, Any]
         pnginfo.add_text(RESULT_KEY, json.dumps(info, sort_keys=True))
     with atomic_write(path) as stream:
         image.save(stream, format="PNG", pnginfo=pnginfo)
+
+
+def is_whole_png(path: str | os.PathLike) -> bool:
+    """Whether a PNG reads back whole: every chunk present with its checksum right, up to the end chunk
+    (PIL's verify: the whole file is read, nothing is decompressed). A truncated file fails."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return False
+            image.verify()
+        return True
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return False
 
 
 def result_info(path: str | os.PathLike) -> dict[str, Any] | None:

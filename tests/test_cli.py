@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from PIL import Image, ImageOps
 
 from diffdis_core import DiffDISError, DiffDISPipeline
 from diffdis_core.cli import collect_inputs, main
-from diffdis_core.image_io import load_image, result_info
+from diffdis_core.image_io import is_whole_png, load_image, result_info
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOT_ARGS = ["--base", "none", "--resolution", "64"]
@@ -29,7 +31,7 @@ def noise_image(height, width, seed=0):
 
 
 def summary(err):
-    lines = [line for line in err.splitlines() if " written, " in line]
+    lines = [line for line in err.splitlines() if " already done, " in line]
     assert len(lines) == 1, err
     return lines[0]
 
@@ -118,10 +120,10 @@ def test_rerun_resumes_and_adds_missing_extras(tmp_path, official_tiny, capsys, 
         assert (out / f"{i}.png").read_bytes() == first[f"{i}.png"]
     assert np.array_equal(np.asarray(Image.open(out / "1_mask.png")), np.asarray(Image.open(out / "1.png"))[..., 3])
 
-    # Other settings: kept (resumable), but pointed out.
+    # Other settings: the results are not up to date, so they are redone, and the summary says why.
     assert cli(official_tiny, *args, "--seed", "5") == 0
-    err = capsys.readouterr().err
-    assert "3 already done" in summary(err) and "other settings" in err
+    assert summary(capsys.readouterr().err).startswith("3 written (3 redone: 3 other settings), 0 already done")
+    assert all(result_info(out / f"{i}.png")["settings"]["seed"] == 5 for i in range(3))
 
 
 def test_a_file_diffdis_did_not_write_is_never_overwritten(tmp_path, official_tiny, capsys):
@@ -319,6 +321,10 @@ def test_symlink_loops_and_dangling_links_in_globs(tmp_path):
     (["--resolution", "100"], "multiple of 64"),
     (["--device", "nosuchdevice"], "not usable"),
     (["--max-megapixels", "-1"], "max-megapixels"),
+    (["--max-megapixels", "inf"], "--max-megapixels: 'inf' is not a finite number"),
+    (["--max-megapixels", "nan"], "--max-megapixels: 'nan' is not a finite number"),
+    (["--seed", str(2**64)], f"--seed: {2**64} must be <= {2**64 - 1}"),
+    (["--seed", "1.5"], "--seed: '1.5' is not a whole number"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, official_tiny, capsys, monkeypatch, args, message):
     import huggingface_hub
@@ -488,3 +494,221 @@ def test_compile_without_a_compiler_is_one_line_before_any_weights_load(tmp_path
                "--compile") != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "compile on the CPU needs a C++ compiler" in err[0] and "turn compile off" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------- resuming safely
+def test_a_result_of_another_input_with_the_same_name_is_never_taken_for_done(tmp_path, official_tiny, capsys):
+    """Cameras repeat names: day2/IMG_0001.jpg is another picture than day1/IMG_0001.jpg."""
+    for day, seed in (("day1", 1), ("day2", 2)):
+        (tmp_path / day).mkdir()
+        noise_image(16, 24, seed=seed).save(tmp_path / day / "IMG_0001.jpg")
+    out = tmp_path / "cut"
+    assert cli(official_tiny, str(tmp_path / "day1"), "--output", str(out)) == 0
+    capsys.readouterr()
+    day1 = (out / "IMG_0001.png").read_bytes()
+    assert cli(official_tiny, str(tmp_path / "day2"), "--output", str(out)) == 1
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "day2/IMG_0001.jpg" in failed[0] and "another input" in failed[0]
+    assert str(tmp_path / "day1" / "IMG_0001.jpg") in failed[0] and "--output" in failed[0]
+    assert summary(err).startswith("0 written, 0 already done, 1 failed")
+    assert (out / "IMG_0001.png").read_bytes() == day1  # nothing overwritten
+
+    # A copy of the same picture elsewhere (a moved folder, a second card) is the same input: done.
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "day1" / "IMG_0001.jpg", tmp_path / "copy")
+    assert cli(official_tiny, str(tmp_path / "copy"), "--output", str(out)) == 0
+    assert summary(capsys.readouterr().err).startswith("0 written, 1 already done")
+
+    # The input itself changed (edited in place): its result is redone, like make does.
+    noise_image(16, 24, seed=3).save(tmp_path / "day1" / "IMG_0001.jpg")
+    assert cli(official_tiny, str(tmp_path / "day1"), "--output", str(out)) == 0
+    assert summary(capsys.readouterr().err).startswith("1 written (1 redone: 1 input changed), 0 already done")
+    assert (out / "IMG_0001.png").read_bytes() != day1
+    assert result_info(out / "IMG_0001.png")["input"]["path"] == os.path.realpath(tmp_path / "day1" / "IMG_0001.jpg")
+
+
+def test_an_incomplete_or_unrecorded_result_is_redone(tmp_path, official_tiny, capsys):
+    from diffdis_core.image_io import save_image
+
+    for i in range(3):
+        noise_image(16, 24, seed=i).save(tmp_path / f"{i}.png")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "*.png"), "--output", str(out), "--save-mask"]
+    assert cli(official_tiny, *args) == 0
+    capsys.readouterr()
+    whole = (out / "0.png").read_bytes()
+    (out / "0.png").write_bytes(whole[:len(whole) * 2 // 3])  # the header (and its record) intact
+    assert result_info(out / "0.png") is not None
+    info = result_info(out / "1_mask.png")  # as a version that did not record the input wrote it
+    del info["input"], info["size"]
+    save_image(Image.open(out / "1_mask.png"), out / "1_mask.png", info)
+    assert cli(official_tiny, *args) == 0
+    line = summary(capsys.readouterr().err)
+    assert line.startswith("2 written (2 redone: 1 result incomplete, 1 made by an older version), 1 already done")
+    assert (out / "0.png").read_bytes() == whole  # the same input and settings give the same result
+    assert "input" in result_info(out / "1_mask.png")
+
+
+def test_two_runs_on_one_folder_both_finish_with_whole_files(tmp_path, official_tiny):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        noise_image(40, 48, seed=i).save(src / f"{i}.png")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "diffdis_core", str(src), "--output", str(out), "--save-mask", "--save-edge",
+            "--model", str(official_tiny), *ROOT_ARGS, "--overwrite"]  # both write every file
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    old = os.umask(0o022)
+    try:
+        runs = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+        errors = [run.communicate(timeout=300)[1] for run in runs]
+    finally:
+        os.umask(old)
+    for run, err in zip(runs, errors):
+        assert run.returncode == 0 and "Traceback" not in err, err
+        assert summary(err).startswith("6 written")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{i}{suffix}.png" for i in range(6) for suffix in ("", "_mask", "_edge"))  # no temporaries
+    for name in names:
+        assert is_whole_png(out / name) and result_info(out / name)["kind"] in ("cutout", "mask", "edge"), name
+        Image.open(out / name).load()
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name  # as the umask says, not 0600
+
+
+def test_a_link_planted_at_a_temporary_name_is_left_untouched(tmp_path, official_tiny, monkeypatch):
+    from diffdis_core import files
+
+    noise_image(16, 16).save(tmp_path / "a.jpg")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    prefix, suffix = files.temporary_name_pattern(out / "a.png")
+    planted = [out / ".a.png.tmp", out / f"{prefix}fixed{suffix}"]  # the old fixed name, and a drawn one
+    for link in planted:
+        link.symlink_to(victim)
+    names = iter(["fixed", "fixed", *(f"other{i}" for i in range(100))])  # the planted name is drawn first
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)
+    assert cli(official_tiny, str(tmp_path / "a.jpg"), "--output", str(out)) == 0
+    assert victim.read_text() == "keep me" and all(link.is_symlink() for link in planted)
+    assert is_whole_png(out / "a.png")
+
+
+def test_overwrite_never_replaces_an_input_through_a_linked_subfolder(tmp_path, official_tiny, capsys):
+    shoot = tmp_path / "shoot"
+    (shoot / "sub").mkdir(parents=True)
+    noise_image(16, 16).save(shoot / "top.png")
+    noise_image(16, 16, seed=1).save(shoot / "sub" / "a.png")
+    before = (shoot / "sub" / "a.png").read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(shoot / "sub")  # out/sub/a.png is the input itself
+    for extra in ([], ["--overwrite"]):
+        assert cli(official_tiny, str(shoot), "--recursive", "--output", str(out), *extra) == 1
+        err = capsys.readouterr().err
+        line = next(line for line in err.splitlines() if "a.png" in line)
+        assert "would overwrite an input" in line and "--overwrite" not in line
+        assert (shoot / "sub" / "a.png").read_bytes() == before
+    assert (out / "top.png").is_file()
+    # A hard link to an input in the output folder is the input too.
+    os.link(shoot / "top.png", tmp_path / "top.png")
+    top = (shoot / "top.png").read_bytes()
+    assert cli(official_tiny, str(shoot / "top.png"), "--output", str(tmp_path), "--overwrite") == 1
+    assert "would overwrite an input" in capsys.readouterr().err and (shoot / "top.png").read_bytes() == top
+
+
+class Hung(BaseException):
+    """Raised by the alarm: no `except Exception` in the CLI can swallow it."""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_among_the_inputs_is_skipped_and_the_batch_ends(tmp_path, official_tiny, capsys):
+    import signal
+
+    noise_image(16, 16).save(tmp_path / "good.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "named.png")
+
+    def hung(*args):
+        raise Hung("the run blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        code = cli(official_tiny, str(tmp_path), str(tmp_path / "named.png"), "--output", str(tmp_path / "out"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    err = capsys.readouterr().err
+    assert code == 1
+    for name in ("pipe.jpg", "named.png"):
+        lines = [line for line in err.splitlines() if name in line]
+        assert len(lines) == 1 and "FIFO" in lines[0] and lines[0].startswith("skipped"), err
+    assert summary(err).startswith("1 written, 0 already done, 2 failed")
+
+
+def test_nan_pixels_in_a_float_image_are_named_as_the_inputs_problem(tmp_path, official_tiny, capsys):
+    pixels = np.random.default_rng(0).random((16, 16), dtype=np.float32)
+    pixels[3, 4:7] = np.nan
+    Image.fromarray(pixels, "F").save(tmp_path / "depth.tif")
+    noise_image(16, 16).save(tmp_path / "good.png")
+    assert cli(official_tiny, str(tmp_path), "--output", str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "depth.tif" in failed[0] and "3 of its pixels are NaN" in failed[0]
+    assert "weights" not in err and (tmp_path / "out" / "good.png").is_file()
+
+
+def test_a_link_made_after_planning_still_never_lets_a_result_replace_an_input(tmp_path, official_tiny, capsys,
+                                                                              monkeypatch):
+    """The resolved target is checked again as it is written: a folder swapped for a link meanwhile
+    (another program, a concurrent run) is caught."""
+    from diffdis_core import cli as cli_module
+
+    shoot = tmp_path / "shoot"
+    (shoot / "sub").mkdir(parents=True)
+    noise_image(16, 16, seed=1).save(shoot / "sub" / "a.png")
+    before = (shoot / "sub" / "a.png").read_bytes()
+    out = tmp_path / "out"
+    planned = cli_module.plan_tasks
+
+    def plan_then_link(*args, **kwargs):
+        tasks = planned(*args, **kwargs)
+        (out / "sub").symlink_to(shoot / "sub")
+        return tasks
+
+    monkeypatch.setattr(cli_module, "plan_tasks", plan_then_link)
+    assert cli(official_tiny, str(shoot), "--recursive", "--output", str(out), "--overwrite") == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "a.png" in failed[0] and "would overwrite an input" in failed[0]
+    assert (shoot / "sub" / "a.png").read_bytes() == before
+
+
+def test_a_setting_redoes_only_the_results_that_depend_on_it(tmp_path, official_tiny, capsys):
+    pixels = np.asarray(noise_image(16, 16)).copy()
+    alpha = np.full((16, 16), 255, np.uint8)
+    alpha[:8] = 0
+    Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "a.png"), "--output", str(out), "--save-mask", "--save-edge"]
+    assert cli(official_tiny, *args) == 0
+    capsys.readouterr()
+    mask, edge = (out / "a_mask.png").read_bytes(), (out / "a_edge.png").read_bytes()
+    # --keep-input-alpha changes the cutout only: it alone is redone (from its own model run).
+    assert cli(official_tiny, *args, "--keep-input-alpha") == 0
+    assert summary(capsys.readouterr().err).startswith("1 written (1 redone: 1 other settings)")
+    assert np.asarray(Image.open(out / "a.png"))[:8, :, 3].max() == 0
+    assert (out / "a_mask.png").read_bytes() == mask and (out / "a_edge.png").read_bytes() == edge
+    # The masks and edges do not depend on how the cutout's colours are made.
+    assert cli(official_tiny, *args, "--keep-input-alpha", "--no-refine-foreground") == 0
+    capsys.readouterr()
+    assert (out / "a_mask.png").read_bytes() == mask and (out / "a_edge.png").read_bytes() == edge
+    assert result_info(out / "a.png")["settings"]["refine_foreground"] is False
+
+
+def test_an_input_that_cannot_be_read_for_its_fingerprint_is_one_line(tmp_path):
+    from diffdis_core.cli import Source
+
+    with pytest.raises(DiffDISError, match="cannot read it"):
+        Source(str(tmp_path), 0, 0).sha256()  # a folder: opens, but reading fails like an unreadable file
