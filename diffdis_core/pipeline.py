@@ -524,7 +524,7 @@ class DiffDISPipeline(DiffusionPipeline):
         if compile:
             check_compiler(target)
         sources = ModelSources.resolve(model, base, local_dir=local_dir, **hub_kwargs)
-        unet_state, repack_embed = read_unet_state_dict(sources.unet_weights)
+        unet_state, repack_embed = read_unet_state_dict(sources.unet_weights, dtype)
         unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), dtype, device,
                                            source=str(sources.unet_weights))
         del unet_state
