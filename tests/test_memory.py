@@ -51,3 +51,21 @@ def test_pipeline_reads_the_unet_in_its_dtype(official_tiny, monkeypatch):
     monkeypatch.setattr(pipeline, "read_unet_state_dict", lambda path, dtype=None: asked.append(dtype) or read(path, dtype))
     pipe = DiffDISPipeline.from_pretrained(official_tiny, base=None, torch_dtype=torch.bfloat16)
     assert asked == [torch.bfloat16] and pipe.unet.dtype == torch.bfloat16
+
+
+def test_gpu_check_dry_run_on_the_cpu(capsys):
+    """benchmarks/gpu_check.py's every row, on the CPU at a tiny size: parity, speed rows, the nodes' call."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_check
+
+    rows = gpu_check.main(["--device", "cpu", "--tiny", "--size", "64", "--repeats", "1", "--dtypes", "fp32",
+                           "--compile", "off"])
+    printed = capsys.readouterr().out
+    checks = [row["check"] for row in rows]
+    assert len(rows) == 5 and all(row["check"] in printed for row in rows)
+    assert [row.get("ok") for row in rows if row["check"].startswith(("parity", "Remove"))] == [True] * 3, rows
+    assert sum(row["check"].startswith("fp32") for row in rows) == 2 and "mask + edge" in checks[3]
+    assert all(row["seconds"] > 0 for row in rows[2:])
