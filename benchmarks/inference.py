@@ -16,6 +16,14 @@ how far `auto`'s mask is from float32's.
     python benchmarks/inference.py                                   # this machine's best device
     python benchmarks/inference.py --device cuda --resolutions 1024 --dtypes auto bf16 fp16 --compile
     python benchmarks/inference.py --resolutions 512 --dtypes auto fp32 --repeats 3 --memory-resolutions
+    python benchmarks/inference.py --tables stages --stage-resolutions 1024 2048 --released-folder /tmp/diffdis-fp32
+
+The stages table is what a user pays: a fresh process loads a folder in the released float32 layout
+(written once from the random weights) with ``from_pretrained(torch_dtype=auto)``, then runs one image,
+mask only, stage by stage (encode at 4 scales, the UNet, decode): per stage the peak resident memory
+(VmHWM, reset before each stage), the seconds, the FLOPs counted with ``torch.utils.flop_counter`` (in a
+separate pass) and the GFLOP/s achieved, as a share of what this machine's 3x3 convolution reaches in the
+same process (128 channels at 512², channels-last, in the pipeline's precision and in float32).
 """
 
 from __future__ import annotations
@@ -183,6 +191,81 @@ def worker(config: dict) -> None:
     del text_encoder
 
 
+def conv_limit_gflops(dtype, side: int = 512, channels: int = 128, repeats: int = 5) -> float:
+    """This machine's throughput on the pipeline's dominant operation: a 3x3 convolution, channels-last."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(1, channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, channels, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    flops = 2 * channels * channels * 9 * side * side
+    with torch.inference_mode():
+        F.conv2d(x, weight, padding=1)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            F.conv2d(x, weight, padding=1)
+            times.append(time.perf_counter() - start)
+    return flops / min(times) / 1e9
+
+
+def stage_worker(config: dict) -> None:
+    """Load the released-layout folder as a user does, then one image stage by stage; print a JSON line
+    per stage: seconds, peak GiB, GFLOP."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffdis_core import DiffDISPipeline
+    from diffdis_core.devices import pick_device, pick_dtype, reuse_freed_memory
+
+    device = pick_device(config["device"])
+    dtype = pick_dtype(config["dtype"], device)
+    resolution = config["resolution"]
+
+    def report(stage, seconds, flops=None):
+        print(json.dumps({"stage": stage, "seconds": seconds, "peak_gib": peak_gib(device),
+                          "gflop": flops / 1e9 if flops else None}), flush=True)
+
+    report("python, torch and diffusers imported", 0.0)
+    reset_peak(device)
+    start = time.perf_counter()
+    pipe = DiffDISPipeline.from_pretrained(config["folder"], base=None, torch_dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    report("from_pretrained (released fp32 layout)", time.perf_counter() - start)
+    rgb = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    stages = [("encode at 4 scales", lambda _: pipe.encode_condition(rgb, resolution, keep_image=False)),
+              ("UNet (mask and edge streams)", lambda c: pipe.segment(c, generator=torch.Generator().manual_seed(0))),
+              ("decode (mask only)", lambda latents: pipe.decode(latents, decode_edge=False, output_size=False))]
+    flops = []
+    if config.get("count_flops", True):
+        value = None
+        for _, stage in stages:  # counted in a pass of their own: counting slows the operations down
+            with FlopCounterMode(display=False) as counter:
+                value = stage(value)
+            flops.append(counter.get_total_flops())
+        del value
+    # As __call__: freed memory is reused across the stages.
+    with torch.inference_mode(), reuse_freed_memory(device):
+        value = None
+        for index, (name, stage) in enumerate(stages):
+            reset_peak(device)
+            start = time.perf_counter()
+            value = stage(value)
+            report(name, time.perf_counter() - start, flops[index] if flops else None)
+    print(json.dumps({"limit": {str(d).removeprefix("torch."): conv_limit_gflops(d) for d in {dtype, torch.float32}},
+                      "dtype": str(dtype).removeprefix("torch.")}), flush=True)
+
+
+def make_released_folder(folder: str) -> None:
+    """The full-size architecture's random weights saved as the released model is laid out (float32)."""
+    import torch
+
+    if os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")):
+        return
+    print(f"writing the random full-size model in the released float32 layout to {folder} (once)", flush=True)
+    build_pipeline(torch.device("cpu"), torch.float32).save_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------ the driver
 class Worker:
     def __init__(self, config: dict):
@@ -305,6 +388,43 @@ def accuracy(args, device_name: str) -> None:
           f"max abs {difference.max():.4f}, mean abs {difference.mean():.5f}")
 
 
+def stages_table(args, device_name: str) -> None:
+    subprocess.run([sys.executable, __file__, "--make-folder", args.released_folder], check=True)
+    print("\nWhat a user pays: a fresh process loads the released float32 layout, then one image (mask only), "
+          "stage by stage; peak = resident memory (VmHWM) reset before each stage\n")
+    for resolution in args.stage_resolutions:
+        config = {"device": device_name, "dtype": "auto", "resolution": resolution, "folder": args.released_folder,
+                  "count_flops": not args.no_flops}
+        process = subprocess.run([sys.executable, __file__, "--stage-worker", json.dumps(config)],
+                                 stdout=subprocess.PIPE, text=True)
+        lines = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
+        limits = next((line for line in lines if "limit" in line), None)
+        if process.returncode or limits is None:
+            print(f"| {resolution}² | failed (exit {process.returncode}) |")
+            continue
+        dtype, limit = limits["dtype"], limits["limit"]
+        print(f"{resolution}², {dtype}: this machine's 3x3 convolution (128 ch, 512², channels-last) reaches "
+              + ", ".join(f"{v:.0f} GFLOP/s in {k}" for k, v in limit.items()) + "\n")
+        print("| size | stage | peak GiB | s | GFLOP | GFLOP/s | % of the conv limit |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
+        total_flop = total_s = 0.0
+        for line in lines:
+            if "stage" not in line:
+                continue
+            rate = share = ""
+            if line["gflop"]:
+                total_flop += line["gflop"]
+                total_s += line["seconds"]
+                rate = f"{line['gflop'] / line['seconds']:.0f}"
+                share = f"{100 * line['gflop'] / line['seconds'] / limit[dtype]:.0f} %"
+            gflop = f"{line['gflop']:.3g}" if line["gflop"] else ""
+            print(f"| {resolution}² | {line['stage']} | {line['peak_gib']:.2f} | {line['seconds']:.1f} | {gflop} | "
+                  f"{rate} | {share} |")
+        if total_s:
+            print(f"| {resolution}² | one image (the three stages) | | {total_s:.1f} | {total_flop:.0f} | "
+                  f"{total_flop / total_s:.0f} | {100 * total_flop / total_s / limit[dtype]:.0f} % |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512])
@@ -315,12 +435,24 @@ def main() -> None:
     parser.add_argument("--memory-resolutions", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--authors-max-memory-res", type=int, default=1024)
     parser.add_argument("--compile", action="store_true", help="torch.compile our UNet and VAE")
-    parser.add_argument("--tables", nargs="+", default=["speed", "memory", "accuracy"],
-                        choices=["speed", "memory", "accuracy"], help="which parts to run")
+    parser.add_argument("--tables", nargs="+", default=["speed", "memory", "stages", "accuracy"],
+                        choices=["speed", "memory", "stages", "accuracy"], help="which parts to run")
+    parser.add_argument("--stage-resolutions", type=int, nargs="*", default=[1024, 2048])
+    parser.add_argument("--released-folder", default="/tmp/diffdis-released-fp32-random",
+                        help="where the stages table keeps the random full-size model in the released layout")
+    parser.add_argument("--no-flops", action="store_true", help="stages table without the FLOP-counting pass")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--stage-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--make-folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.stage_worker:
+        stage_worker(json.loads(args.stage_worker))
+        return
+    if args.make_folder:
+        make_released_folder(args.make_folder)
         return
 
     import torch
@@ -344,6 +476,8 @@ def main() -> None:
         speed_table(args, str(device))
     if "memory" in args.tables and args.memory_resolutions:
         memory_table(args, str(device))
+    if "stages" in args.tables and args.stage_resolutions:
+        stages_table(args, str(device))
     if "accuracy" in args.tables:
         accuracy(args, str(device))
 

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +34,9 @@ MAX_JSON_DEPTH = 16
 # The SD UNet's safetensors header is about 100 KB (686 tensors); safetensors itself allows 100 MB.
 MAX_SAFETENSORS_HEADER_BYTES = 16 << 20
 # Weights formats that are Python pickles: loading one can run code, so they are never opened.
+# safetensors dtype names -> torch attribute names (the ones weights use)
+SAFETENSORS_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 # Bytes per element of the safetensors dtypes (sub-byte float types are not size-checked).
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
@@ -162,16 +165,23 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors header (no tensor read), after checking the file is
     whole: every tensor's bytes lie inside the file, back to back, to its last byte. Pickles (by name
     or by content), truncated, empty and foreign files are one line naming the file."""
+    return {name: shape for name, (_, shape, _, _) in safetensors_layout(path)[0].items()}
+
+
+def safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+    """The checked header (see ``safetensors_shapes``): name -> (dtype name, shape, begin, end) of its bytes
+    after the header, and the offset where those bytes start."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     with read_errors_named(path):
         stat = path.stat()
-    return dict(_safetensors_shapes(path, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return _safetensors_layout(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 @functools.lru_cache(maxsize=8)  # a loader checks a file, then loads it: read its header once
-def _safetensors_shapes(path: Path, size: int, mtime_ns: int, inode: int) -> dict[str, tuple[int, ...]]:
+def _safetensors_layout(path: Path, size: int, mtime_ns: int, inode: int
+                        ) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
     def damaged(why: str) -> DiffDISError:
         return DiffDISError(f"{path} {why}; {damaged_file_remedy(path)}")
 
@@ -201,7 +211,7 @@ def _safetensors_shapes(path: Path, size: int, mtime_ns: int, inode: int) -> dic
             width = SAFETENSORS_DTYPE_BYTES.get(entry["dtype"])
             if width is not None and math.prod(shape) * width != end - begin:
                 raise ValueError(name)
-            shapes[name] = tuple(shape)
+            shapes[name] = (entry["dtype"], tuple(shape), begin, end)
             spans.append((begin, end))
     except (AttributeError, KeyError, TypeError, ValueError):
         raise damaged("has a damaged header (not valid safetensors JSON)") from None
@@ -213,7 +223,37 @@ def _safetensors_shapes(path: Path, size: int, mtime_ns: int, inode: int) -> dic
         raise damaged(f"is truncated: {size:,} of {expected:,} bytes (an interrupted write or copy?)")
     if size > expected:
         raise damaged(f"has {size - expected:,} bytes more than its header describes")
-    return shapes
+    return shapes, 8 + header_length
+
+
+def read_safetensors(path: str | os.PathLike, dtype: Any = None,
+                     keep_dtype: Collection[str] = ()) -> dict[str, Any]:
+    """Every tensor of a checked safetensors file, floating ones cast to ``dtype`` (None: the file's) one at
+    a time, except those named in ``keep_dtype``.
+
+    ``safetensors.torch.load_file`` maps the whole file and returns every tensor in the file's dtype: loading
+    the released 3.46 GB float32 UNet into bfloat16 would hold the float32 copy (its mapped pages count as
+    resident memory) beside the bfloat16 one. Here each tensor is read with plain reads into its own buffer
+    and cast before the next: the peak is the cast model plus one tensor.
+    """
+    import torch  # only loaders need it; front ends import this module at start-up
+
+    layout, data_start = safetensors_layout(path)
+    state = {}
+    with read_errors_named(path), open(path, "rb") as stream:
+        for name, (dtype_name, shape, begin, end) in sorted(layout.items(), key=lambda item: item[1][2]):
+            file_dtype = getattr(torch, SAFETENSORS_TORCH_DTYPES.get(dtype_name, ""), None)
+            if file_dtype is None:
+                raise DiffDISError(f"{path}: tensor {name} has dtype {dtype_name}, which weights never have")
+            tensor = torch.empty(shape, dtype=file_dtype)
+            if end > begin:
+                stream.seek(data_start + begin)
+                if stream.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                    raise DiffDISError(f"{path} is truncated (tensor {name}); {damaged_file_remedy(path)}")
+            if dtype is not None and tensor.is_floating_point() and name not in keep_dtype:
+                tensor = tensor.to(dtype)
+            state[name] = tensor
+    return state
 
 
 def _umask() -> int:

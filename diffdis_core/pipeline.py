@@ -33,6 +33,7 @@ from .loading import ModelSources, load_scheduler, load_vae
 from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, TTA_VIEWS, check_processing_res
 from .text import check_embedding_width, save_empty_embedding
 from .unet import DiffDISUNet, read_unet_state_dict
+from .vae_memory import lean_vae_resnets
 
 ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray | torch.Tensor
 NoiseInput = torch.Tensor | Sequence[torch.Tensor]
@@ -214,6 +215,7 @@ class DiffDISPipeline(DiffusionPipeline):
         if empty_text_embed is None or empty_text_embed.ndim != 3:
             raise DiffDISError("DiffDISPipeline needs the empty-prompt embedding, a [1, tokens, dim] tensor")
         self.register_modules(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler)
+        lean_vae_resnets(self.vae)
         self.empty_text_embed = empty_text_embed.float()
         # One step per image: a progress bar only where someone watches (a terminal), and not left behind.
         self.set_progress_bar_config(disable=None, leave=False)
@@ -532,7 +534,7 @@ class DiffDISPipeline(DiffusionPipeline):
         if compile:
             check_compiler(target)
         sources = ModelSources.resolve(model, base, local_dir=local_dir, **hub_kwargs)
-        unet_state, repack_embed = read_unet_state_dict(sources.unet_weights)
+        unet_state, repack_embed = read_unet_state_dict(sources.unet_weights, dtype)
         unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), dtype, device,
                                            source=str(sources.unet_weights))
         del unet_state

@@ -23,12 +23,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from safetensors.torch import load_file
 from torch import nn
 
 from .configs import DIFFDIS_CONFIG_OVERRIDES, SD_TURBO_UNET_CONFIG
 from .errors import DiffDISError
-from .files import pickle_refusal, safetensors_shapes
+from .files import pickle_refusal, read_safetensors
 
 # Keys a single-file repack (set-soft/RemBG ``DiffDIS_F16.safetensors``) adds around the UNet.
 REPACK_UNET_PREFIX = "unet."
@@ -271,7 +270,7 @@ class DiffDISUNet(UNet2DConditionModel):
         config_path, weights_path = resolve_unet_files(pretrained_model_name_or_path, subfolder, **hub_kwargs)
         if config_path is not None:
             config = read_unet_config(config_path)
-        unet_state, _ = read_unet_state_dict(weights_path)
+        unet_state, _ = read_unet_state_dict(weights_path, torch_dtype)
         return cls.from_state_dict(unet_state, config or SD_TURBO_UNET_CONFIG, torch_dtype, device,
                                    source=str(weights_path))
 
@@ -314,14 +313,19 @@ class DiffDISUNet(UNet2DConditionModel):
         return model.eval()
 
 
-def read_unet_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Read a UNet safetensors file; for the single-file repack, also its empty-prompt embedding."""
+def read_unet_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Read a UNet safetensors file; for the single-file repack, also its empty-prompt embedding.
+
+    ``dtype``: floating tensors are cast to it as they are read, one at a time, so loading the released
+    float32 file into bfloat16 never holds more than one float32 tensor (see ``read_safetensors``).
+    """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise pickle_refusal(path)
-
-    safetensors_shapes(path)  # a truncated or foreign file: one line saying how, before any tensor is read
-    state = load_file(path)
+    # Checked whole first (files.safetensors_layout): a truncated or foreign file is one line saying how.
+    # The repack's embedding stays in its own precision (the pipeline keeps it in float32).
+    state = read_safetensors(path, dtype, keep_dtype=(REPACK_EMBED_KEY,))
     embed = state.pop(REPACK_EMBED_KEY, None)
     if any(k.startswith(REPACK_UNET_PREFIX) for k in state):
         state = {k[len(REPACK_UNET_PREFIX):]: v for k, v in state.items() if k.startswith(REPACK_UNET_PREFIX)}
