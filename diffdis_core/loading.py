@@ -30,7 +30,7 @@ from .configs import (
     VAE_CONFIG_RULES,
     check_config,
 )
-from .devices import vae_dtype
+from .devices import vae_dtype, vae_force_upcast
 from .errors import DiffDISError
 from .files import damaged_file_remedy, find_weights, read_errors_named, read_json, safetensors_shapes
 from .hub import LAYOUT_HELP, download, is_repo_id, local_path, option, resolve_unet_files
@@ -128,7 +128,7 @@ def load_vae(folder: str | os.PathLike, torch_dtype: torch.dtype = torch.float32
     Checked before any tensor is allocated: the config within bounds (configs.VAE_CONFIG_RULES), the
     architecture built on the meta device, every shape it needs in the weights' header. Loaded one
     tensor at a time straight into its dtype: ``torch_dtype``, or float32 under float16 where the config
-    asks (``devices.vae_dtype``: the SD VAE overflows in float16).
+    asks (``devices.vae_force_upcast``: the SD VAE overflows in float16).
     """
     from diffusers import AutoencoderKL
     from safetensors import safe_open
@@ -146,7 +146,7 @@ def load_vae(folder: str | os.PathLike, torch_dtype: torch.dtype = torch.float32
                                f"{str(error).splitlines()[0] if str(error) else ''})") from None
         expected = vae.state_dict()
         check_weights(weights, {k: tuple(v.shape) for k, v in expected.items()}, "VAE")
-        dtype = vae_dtype(torch_dtype, bool(vae.config.get("force_upcast", True)))
+        dtype = vae_dtype(torch_dtype, vae_force_upcast(vae.config))
         state = {}
         with safe_open(os.fspath(weights), framework="pt") as tensors:
             for key in tensors.keys():  # noqa: SIM118 (safe_open is not a dict)

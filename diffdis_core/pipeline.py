@@ -31,6 +31,7 @@ from .image_io import pil_to_rgb_tensor
 from .matting import refine_alpha
 from .loading import ModelSources, load_scheduler, load_vae
 from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, TTA_VIEWS, check_processing_res
+from .files import apply_umask
 from .text import check_embedding_width, save_empty_embedding
 from .unet import DiffDISUNet, read_unet_state_dict
 from .vae_memory import lean_vae_resnets
@@ -553,6 +554,7 @@ class DiffDISPipeline(DiffusionPipeline):
         directory = Path(save_directory)
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(directory, **kwargs)
+        apply_umask(directory)  # safetensors writes 0600: a folder saved by one account loads under another
         save_empty_embedding(self.empty_text_embed, directory / EMPTY_EMBED_FILE)
         return directory
 

@@ -1,6 +1,8 @@
 """DiffDISPipeline behaviour users rely on: inputs, sizes, batches, seeds, dtypes, options."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -252,8 +254,14 @@ def test_compile_option_wraps_the_modules(official_tiny):
 
 
 def test_save_pretrained_gives_a_loadable_complete_folder(tmp_path, tiny_pipeline):
-    folder = tiny_pipeline.save_pretrained(tmp_path / "copy")
+    old_umask = os.umask(0o022)
+    try:
+        folder = tiny_pipeline.save_pretrained(tmp_path / "copy")
+    finally:
+        os.umask(old_umask)
     assert (folder / "empty_text_embed.safetensors").is_file()
+    # Readable by others as the umask says (safetensors alone writes 0600).
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()} == {0o644}
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "DiffDISPipeline"
     assert index["unet"] == ["diffdis_core.unet", "DiffDISUNet"] and index["vae"] == ["diffusers", "AutoencoderKL"]

@@ -300,11 +300,10 @@ def write_json(path: Path, record: dict) -> None:
 def load_training_start(pretrained: str, base: str | None, random_init: bool):
     """(DiffDIS UNet to train, VAE, scheduler, empty-prompt embedding, what was done)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from diffdis_core import DiffDISUNet
-    from diffdis_core.configs import SD_TURBO_SCHEDULER_CONFIG
-    from diffdis_core.loading import ModelSources
+    from diffdis_core.loading import ModelSources, load_scheduler, load_vae
     from diffdis_core.unet import read_unet_state_dict
 
     sources = ModelSources.resolve(pretrained, base)
@@ -331,16 +330,9 @@ def load_training_start(pretrained: str, base: str | None, random_init: bool):
             how = f"DiffDIS UNet initialised from {sources.unet_weights} (SD-Turbo recipe)"
         del sd_unet
     del state
-    vae_dir = sources.component("vae")
-    try:
-        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise DiffDISError(f"could not load the VAE from {vae_dir} ({str(error).splitlines()[0]})") from None
-    scheduler_dir = sources.component("scheduler", required=False)
-    # DiffDIS's one-step objective is the epsilon parameterisation whatever the base used (SD 2.1: v).
-    scheduler = DDPMScheduler.from_config(
-        DDPMScheduler.load_config(scheduler_dir) if scheduler_dir is not None else SD_TURBO_SCHEDULER_CONFIG,
-        prediction_type="epsilon")
+    # The pipeline's own loaders: bounded configs, the one VAE upcast rule, the epsilon parameterisation.
+    vae = load_vae(sources.component("vae"), torch.float32)
+    scheduler = load_scheduler(sources.component("scheduler", required=False))
     embed = sources.empty_embedding(cache=False)  # never writes into the user's model folder
     return unet, vae, scheduler, embed, how
 
