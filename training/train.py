@@ -43,7 +43,7 @@ if __name__ == "__main__" and not __package__:  # `python training/train.py`: ru
 
 from diffdis_core.commandline import OneLineErrorParser, base_option, number, run_main
 from diffdis_core.errors import DiffDISError
-from diffdis_core.files import apply_umask, make_temporary_folder, write_bytes_atomic
+from diffdis_core.files import apply_umask, make_temporary_folder, read_json, safetensors_shapes, write_bytes_atomic
 from diffdis_core.spec import DEFAULT_BASE, UNET_WEIGHTS_NAMES, check_processing_res
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -165,13 +165,10 @@ def checkpoints_in(output: Path) -> list[tuple[int, Path]]:
 def read_training_state(folder: Path) -> dict:
     """A checkpoint's training_state.json, checked (DiffDISError naming the file otherwise)."""
     path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DiffDISError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise DiffDISError(f"{path} is not valid JSON ({error})") from None
-    step = state.get("step") if isinstance(state, dict) else None
+    if not path.is_file():
+        raise DiffDISError(f"{path} is missing")
+    state = read_json(path)
+    step = state.get("step")
     if not isinstance(step, int) or step < 0 or not isinstance(state.get("identity"), dict):
         raise DiffDISError(f"{path} does not hold a training state (a step and the run's settings)")
     return state
@@ -180,26 +177,14 @@ def read_training_state(folder: Path) -> dict:
 def check_checkpoint(folder: Path) -> dict:
     """The checkpoint's training state if all its files are there and whole; otherwise DiffDISError naming
     the first damaged file. Cheap: file headers only (a truncated zip or safetensors file fails here)."""
-    from safetensors import safe_open
-
     state = read_training_state(folder)
     if state["step"] != int(CHECKPOINT_NAME.match(folder.name).group(1)):
         raise DiffDISError(f"{folder / STATE_FILE} is for step {state['step']}, not the folder's step")
-    config = folder / "unet" / "config.json"
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DiffDISError(f"{config} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise DiffDISError(f"{config} is not valid JSON ({error})") from None
-    weights = folder / "unet" / UNET_WEIGHTS_NAMES[0]
-    if not weights.is_file():
-        raise DiffDISError(f"{weights} is missing")
-    try:
-        with safe_open(weights, "pt"):
-            pass
-    except Exception as error:  # safetensors raises its own error type for a truncated or garbled file
-        raise DiffDISError(f"{weights} is truncated or damaged ({str(error).splitlines()[0]})") from None
+    for path in (folder / "unet" / "config.json", folder / "unet" / UNET_WEIGHTS_NAMES[0]):
+        if not path.is_file():
+            raise DiffDISError(f"{path} is missing")
+    read_json(folder / "unet" / "config.json")
+    safetensors_shapes(folder / "unet" / UNET_WEIGHTS_NAMES[0])  # whole, to its last byte
     processes = state["identity"].get("num_processes", 1)
     if not isinstance(processes, int) or processes < 1:
         raise DiffDISError(f"{folder / STATE_FILE} does not hold a training state (num_processes {processes!r})")
