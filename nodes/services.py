@@ -29,7 +29,7 @@ CATEGORY = "image/segmentation/DiffDIS"  # one menu entry for all DiffDIS nodes
 # What people type into the node search for this family (each node adds its own words).
 SEARCH_ALIASES = ["diffdis", "remove background", "background removal", "rembg", "cutout", "matting",
                   "segmentation", "alpha", "mask", "DIS", "dichotomous image segmentation"]
-DEFAULT_PROCESSING_RES = 1024  # as trained
+DEFAULT_PROCESSING_RES = spec.DEFAULT_PROCESSING_RES  # the nodes' name for it (their default arguments use it)
 
 
 def processing_res_input(tooltip: str) -> tuple[str, dict]:

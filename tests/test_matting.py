@@ -157,7 +157,7 @@ def test_cutout_rgba_options(composite):
     (estimate_foreground, torch.rand(1, 4, 8, 8), torch.rand(1, 1, 8, 8), "image must be [B, 3, H, W]"),
     (refine_alpha, torch.rand(1, 3, 8, 8), torch.rand(1, 3, 4, 4), "alpha must be [B, 1, H, W]"),
     (refine_alpha, torch.rand(2, 3, 8, 8), torch.rand(1, 1, 4, 4), "batches differ"),
-    (cutout_rgba, torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8), torch.rand(1, 1, 8, 8), "float tensor"),
+    (cutout_rgba, torch.rand(1, 3, 8, 8), torch.randint(0, 255, (1, 1, 8, 8), dtype=torch.uint8), "mask must be a float"),
     (cutout_rgba, torch.rand(1, 3, 0, 8), torch.rand(1, 1, 4, 4), "image must be [B, 3, H, W]"),
 ])
 def test_bad_inputs_are_named(call, image, alpha, words):
