@@ -58,15 +58,15 @@ def cutout_rgba(image: torch.Tensor, mask: torch.Tensor, *, refine_edges: bool =
         alpha = refine_alpha(colours, mask, predicted_at)
     elif as_uint8 and adjust is None and not refine_foreground:
         alphas = [torch.from_numpy(map_to_uint8(m, size)) for m in mask]
-        return _to_uint8(image), torch.stack(alphas)[:, None].to(image.device)
+        return _to_uint8(image, in_place=False), torch.stack(alphas)[:, None].to(image.device)
     else:
         alpha = resize(mask.float(), size).clamp(0, 1)
         alpha = alpha.to(image.dtype) if image.is_floating_point() else alpha
     if adjust is not None:
         alpha = adjust(alpha)
     rgb = estimate_foreground(colours, alpha) if refine_foreground else (image if as_uint8 else colours)
-    if as_uint8:
-        return _to_uint8(rgb), _to_uint8(alpha)
+    if as_uint8:  # in place where the values are this function's own (no second full-size float copy)
+        return _to_uint8(rgb, in_place=rgb is not image), _to_uint8(alpha, in_place=True)
     return rgb, alpha
 
 
@@ -124,5 +124,8 @@ def _to_unit_float(image: torch.Tensor) -> torch.Tensor:
     return image.float().div_(255) if image.dtype == torch.uint8 else image
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.uint8 else (x.clamp(0, 1) * 255).round_().to(torch.uint8)
+def _to_uint8(x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    if x.dtype == torch.uint8:
+        return x
+    x = x.clamp_(0, 1) if in_place else x.clamp(0, 1)
+    return x.mul_(255).round_().to(torch.uint8)

@@ -477,10 +477,10 @@ class DiffDISPipeline(DiffusionPipeline):
         output = self.decode(segmented, decode_edge=decode_edge, minmax=minmax, output_size=output_size and not refine,
                              ensemble_reduction=ensemble_reduction)
         if refine:
-            size = _one_size(segmented.sizes)
-            guides = torch.stack([_to_unit_float(x) for x in images]).to(output.mask.device)
-            _, mask = cutout_rgba(guides, output.mask, refine_edges=True, refine_foreground=False)
-            edge = resize(output.edge, size).clamp(0, 1) if output.edge is not None else None
+            # One image at a time: a full-size float copy of one photo at most.
+            mask = torch.cat([cutout_rgba(x[None].to(m.device), m[None], refine_edges=True, refine_foreground=False)[1]
+                              for x, m in zip(images, output.mask, strict=True)])
+            edge = resize(output.edge, _one_size(segmented.sizes)).clamp(0, 1) if output.edge is not None else None
             output = DiffDISOutput(mask=mask, edge=edge)
         self.maybe_free_model_hooks()
         return output
