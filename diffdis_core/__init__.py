@@ -17,11 +17,12 @@ from .errors import DiffDISError
 _LAZY = {
     "DiffDISCondition": "pipeline", "DiffDISLatents": "pipeline", "DiffDISOutput": "pipeline",
     "DiffDISPipeline": "pipeline", "SegmentationView": "pipeline", "DiffDISUNet": "unet",
-    "cutout_rgba": "matting", "estimate_foreground": "matting", "refine_alpha": "matting",
+    "cutout_rgba": "cutout", "estimate_foreground": "matting", "refine_alpha": "matting",
 }
 
 if TYPE_CHECKING:
-    from .matting import cutout_rgba, estimate_foreground, refine_alpha
+    from .cutout import cutout_rgba
+    from .matting import estimate_foreground, refine_alpha
     from .pipeline import DiffDISCondition, DiffDISLatents, DiffDISOutput, DiffDISPipeline, SegmentationView
     from .unet import DiffDISUNet
 

@@ -26,7 +26,7 @@ from typing import Any
 from .commandline import EXIT_OK, EXIT_SOME_FAILED, OneLineErrorParser, base_option, number, run_main
 from .errors import DiffDISError
 from .image_io import DEFAULT_MAX_MEGAPIXELS, IMAGE_EXTENSIONS
-from .spec import DEFAULT_BASE, DEFAULT_MODEL
+from .spec import DEFAULT_BASE, DEFAULT_MODEL, DEFAULT_PROCESSING_RES
 
 SUFFIXES = {"cutout": "", "mask": "_mask", "edge": "_edge"}
 ALPHA_IS_MASK, ALPHA_TIMES_INPUT = "mask", "mask x input alpha"
@@ -48,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", default=DEFAULT_BASE, type=base_option,
                         help="SD-Turbo folder or repo for parts the model lacks (VAE, text encoder); "
                              f"only read when needed; 'none' for no base (default {DEFAULT_BASE})")
-    parser.add_argument("--resolution", type=int, default=1024,
-                        help="processing resolution, a multiple of 64, of 256 with --tta (default 1024, as trained)")
+    # --resolution and --ensemble: the names before the pipeline's, kept for existing scripts.
+    parser.add_argument("--processing-res", "--resolution", dest="processing_res", type=int,
+                        default=DEFAULT_PROCESSING_RES,
+                        help="the side of the square the model sees, a multiple of 64, of 256 with --tta "
+                             f"(default {DEFAULT_PROCESSING_RES}, as trained)")
     parser.add_argument("--seed", type=number(int, -2**63, 2**64 - 1), default=0,  # what torch's generator takes
                         help="noise seed; the same seed gives the same mask")
     parser.add_argument("--device", default="auto",
@@ -60,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "else fp16 on GPUs and fp32 on CPUs")
     parser.add_argument("--tta", action="store_true",
                         help="the authors' flip x 3-scale test-time augmentation (6x slower)")
-    parser.add_argument("--ensemble", type=int, default=1,
+    parser.add_argument("--ensemble-size", "--ensemble", dest="ensemble_size", type=number(int, 1), default=1,
                         help="combine this many noise draws (the authors' aligned median)")
     parser.add_argument("--no-normalize", action="store_true", help="skip the authors' per-image min-max normalisation")
     parser.add_argument("--save-mask", action="store_true", help="also write <name>_mask.png (8-bit)")
     parser.add_argument("--save-edge", action="store_true", help="also write <name>_edge.png (decodes the edge too)")
     parser.add_argument("--no-refine-edges", action="store_true",
                         help="enlarge the mask bilinearly instead of along the image's edges (images larger "
-                             "than --resolution; default: refined, sharper hair and wires)")
+                             "than --processing-res; default: refined, sharper hair and wires)")
     parser.add_argument("--no-refine-foreground", action="store_true",
                         help="keep the image's own colours where the mask is soft (default: the foreground's "
                              "colours are estimated there, so no fringe of the old background shows)")
@@ -380,8 +383,9 @@ def plan_tasks(inputs: Inputs, output: Path, kinds: list[str]) -> list[Task]:
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """What the results depend on besides their input (each kind records its part: ``settings_for``)."""
-    return {"model": args.model, "base": args.base, "resolution": args.resolution, "seed": args.seed,
-            "tta": args.tta, "ensemble": args.ensemble, "normalize": not args.no_normalize,
+    # The keys are the results' stored format (older results compare equal): not renamed with the options.
+    return {"model": args.model, "base": args.base, "resolution": args.processing_res, "seed": args.seed,
+            "tta": args.tta, "ensemble": args.ensemble_size, "normalize": not args.no_normalize,
             "refine_edges": not args.no_refine_edges, "refine_foreground": not args.no_refine_foreground,
             "keep_input_alpha": args.keep_input_alpha}
 
@@ -463,7 +467,7 @@ def describe_failure(error: BaseException, source: Path) -> str:
     elif isinstance(error, OSError) and error.strerror:
         reason = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     elif isinstance(error, MemoryError):
-        reason = "out of memory (a smaller --resolution or --max-megapixels helps)"
+        reason = "out of memory (a smaller --processing-res or --max-megapixels helps)"
     else:
         text = str(error).strip().splitlines()
         reason = f"{type(error).__name__}: {text[0] if text else 'no details'}"
@@ -515,48 +519,33 @@ class Worker:
         import torch
         from PIL import Image
 
+        from .cutout import cutout_rgba
         from .image_io import map_to_uint8, multiply_alpha, open_image
-        from .matting import estimate_foreground, refine_alpha
 
         args = self.args
         image = open_image(task.job.source, self.max_pixels)
         generator = torch.Generator("cpu").manual_seed(args.seed)  # the result depends on image and seed only
         # The 8-bit view goes in as is (the pipeline resizes it without a float copy); the maps come
-        # back at the processing size and are enlarged here, in bands, straight to 8 bits.
-        result = self.pipe(image.rgb()[None], processing_res=args.resolution, generator=generator,
-                           ensemble_size=args.ensemble, tta=args.tta, decode_edge="edge" in task.kinds,
+        # back at the processing size and the cutout brings them to full size, in 8 bits.
+        result = self.pipe(image.rgb()[None], processing_res=args.processing_res, generator=generator,
+                           ensemble_size=args.ensemble_size, tta=args.tta, decode_edge="edge" in task.kinds,
                            minmax=not args.no_normalize, output_size=False)
-        square = _first(result.mask)
-        square = square.reshape(1, 1, *square.shape[-2:]).float()
-        refine_edges = not args.no_refine_edges and max(image.size) > args.resolution
         refine_foreground = "cutout" in task.kinds and not args.no_refine_foreground
-        colours = None
-        if refine_edges or refine_foreground:  # float colours at full size: 12 bytes a pixel, only when used
-            colours = image.rgb()[None]
-            colours = colours.float().div_(255) if colours.dtype == torch.uint8 else colours
-        if refine_edges:
-            mask = map_to_uint8(refine_alpha(colours, square))  # along the image's edges, at full size
-        else:
-            mask = map_to_uint8(square, image.size)  # bilinear, in bands
-        if refine_foreground:
-            # The subject's own colours where the mask is soft (no fringe of the old background).
-            alpha = torch.from_numpy(mask)[None, None].float() / 255
-            foreground = estimate_foreground(colours, alpha)[0].clamp_(0, 1).mul_(255).round_()
-            image.rgba[..., :3] = foreground.to(torch.uint8).permute(1, 2, 0).numpy()
+        colours, alpha = cutout_rgba(image.rgb()[None], result.mask.float().cpu(),
+                                     refine_edges=not args.no_refine_edges, refine_foreground=refine_foreground,
+                                     as_uint8=True)
+        mask = alpha[0, 0].numpy()
+        if refine_foreground:  # the subject's own colours where the mask is soft (no fringe of the old background)
+            image.rgba[..., :3] = colours[0].permute(1, 2, 0).numpy()
         if "mask" in task.kinds:
             self._save(Image.fromarray(mask, "L"), task, "mask")
         if "edge" in task.kinds:
-            self._save(Image.fromarray(map_to_uint8(_first(result.edge), image.size), "L"), task, "edge")
+            self._save(Image.fromarray(map_to_uint8(result.edge[0], image.size), "L"), task, "edge")
         if "cutout" in task.kinds:
             keep = args.keep_input_alpha and image.has_alpha
             image.rgba[..., 3] = multiply_alpha(mask, image.rgba[..., 3]) if keep else mask
             self._save(Image.fromarray(image.rgba, "RGBA"), task, "cutout",
                        alpha=ALPHA_TIMES_INPUT if keep else ALPHA_IS_MASK)
-
-
-def _first(maps: Any) -> Any:
-    """The first map of a pipeline output ([B, 1, h, w] tensor, or a list of [1, 1, h, w])."""
-    return maps[0]
 
 
 def load_pipeline(args: argparse.Namespace, device: Any) -> Any:
@@ -572,9 +561,8 @@ def load_pipeline(args: argparse.Namespace, device: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from .spec import check_processing_res
 
-    check_processing_res(args.resolution, tta=args.tta, name="--resolution")
-    if args.ensemble < 1:
-        raise DiffDISError(f"--ensemble must be at least 1, got {args.ensemble}")
+    # Before any model loads, under the option's name (the pipeline's check_inputs checks them again).
+    check_processing_res(args.processing_res, tta=args.tta, name="--processing-res")
     output = Path(os.path.expanduser(args.output))
     prepare_output(output)
 

@@ -153,14 +153,20 @@ def _deep_to_unit(array: np.ndarray, peak: float) -> np.ndarray:
     return np.clip(array.astype(np.float32) / np.float32(peak), 0.0, 1.0)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> torch.Tensor:
-    """An image file as float RGB [3, H, W] in [0, 1] at its displayed size (a full-size float copy:
-    for the Python API; the command line keeps images in 8 bits)."""
-    rgb = open_image(path, max_pixels).rgb()
-    return rgb.float() / 255 if rgb.dtype == torch.uint8 else rgb.clone()
-
-
 # ---------------------------------------------------------------------------------------------- resizing
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The one resize rule for images and maps ``[B, C, h, w]``: bilinear, antialiased when either side
+    shrinks (like PIL), a no-op at the same size. uint8 stays uint8 on the CPU (PyTorch's kernel resizes
+    8-bit images without a float copy); elsewhere it becomes float in [0, 1]."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    if x.dtype == torch.uint8 and x.device.type != "cpu":
+        x = x.float() / 255
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
 def resize_banded(
     source: Callable[[slice, slice], torch.Tensor],
     in_size: tuple[int, int],
@@ -168,14 +174,14 @@ def resize_banded(
     sink: Callable[[slice, slice, torch.Tensor], None],
     channels: int = 1,
 ) -> None:
-    """Bilinear resize (antialiased when either side shrinks, as the pipeline's ``resize``), one axis at
-    a time, reading ``source(rows, cols)`` and writing ``sink(rows, cols, values)`` in bands.
+    """``resize`` one axis at a time, reading ``source(rows, cols)`` and writing ``sink(rows, cols, values)``
+    in bands.
 
-    Width then height gives exactly torch's 2-D result; for tall images the height goes first (a
-    smaller intermediate), which differs by float rounding (~1e-7) only.
+    Width then height gives torch's 2-D result up to float rounding (~1e-7; an axis that grows is
+    bilinear with or without antialiasing); for tall images the height goes first (a smaller
+    intermediate).
     """
     (h, w), (out_h, out_w) = in_size, out_size
-    antialias = out_h < h or out_w < w
 
     def interp(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(x.shape[-2:]) == size:
@@ -183,8 +189,7 @@ def resize_banded(
         if x.shape[-1] == 1 == size[1]:
             # torch's antialiased kernel gets a band 1 pixel wide wrong (torch 2.13): resize it as 2 wide.
             return interp(x.expand(*x.shape[:-1], 2), (size[0], 2))[..., :1]
-        return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False,
-                             antialias=antialias)[0]
+        return resize(x[None].float(), size)[0]
 
     if h * out_w <= out_h * w * 2:  # width first: intermediate [C, h, out_w]
         middle = torch.empty(channels, h, out_w)
@@ -221,17 +226,6 @@ def map_to_uint8(map_: torch.Tensor, size: tuple[int, int] | None = None) -> np.
 
     resize_banded(lambda ys, xs: map_[:, ys, xs], tuple(map_.shape[-2:]), size, put)
     return out
-
-
-def to_uint8(map_: torch.Tensor) -> np.ndarray:
-    """A [H, W] (or [1, H, W], [1, 1, H, W]) float map in [0, 1] -> uint8 array."""
-    return map_to_uint8(map_)
-
-
-def cutout(rgb: torch.Tensor, mask: torch.Tensor) -> Image.Image:
-    """RGBA image: float RGB [3, H, W] with the mask (foreground = 1) as alpha."""
-    pixels = (rgb.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.dstack([pixels, to_uint8(mask)]), "RGBA")
 
 
 def multiply_alpha(mask: np.ndarray, alpha: np.ndarray) -> np.ndarray:

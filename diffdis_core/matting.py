@@ -4,7 +4,8 @@
   old background does not show as a fringe on a new one (colour decontamination).
 - ``refine_alpha(image, alpha)``: a low-resolution mask brought to the image's size along the image's edges
   instead of bilinearly smeared.
-- ``cutout_rgba(image, mask)``: what every front end calls to make a cutout's colours and alpha.
+
+Both are steps of the cutout, ``diffdis_core.cutout.cutout_rgba``, which every front end calls.
 
 Plain torch, on any device; float tensors ``[B, C, H, W]`` in [0, 1].
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DiffDISError
+from .image_io import resize as _resize
 
 _WORK_DTYPE = torch.float32  # half precision would lose the small weights and variances, on every device
 
@@ -256,6 +258,12 @@ _GUIDE_RADIUS = 4  # in mask pixels
 _GUIDE_EPS = 1e-4
 
 
+def refines_edges(image_size: tuple[int, int], predicted_at: tuple[int, int]) -> bool:
+    """Whether a mask predicted at ``predicted_at`` (height, width) has detail to gain on an image of
+    ``image_size``: only when the image is larger on a side (else the mask is as sharp as the image)."""
+    return image_size[0] > predicted_at[0] or image_size[1] > predicted_at[1]
+
+
 def refine_alpha(image: torch.Tensor, alpha: torch.Tensor, predicted_at: tuple[int, int] | None = None
                  ) -> torch.Tensor:
     """``alpha`` ``[B, 1, h, w]`` (a mask predicted at another size) brought to the size of ``image``
@@ -279,7 +287,7 @@ def refine_alpha(image: torch.Tensor, alpha: torch.Tensor, predicted_at: tuple[i
             raise DiffDISError(f"refine_alpha: predicted_at must be (height, width), got {predicted_at!r}")
         alpha_w = _resize(alpha_w, (int(predicted_at[0]), int(predicted_at[1])))
     small = tuple(alpha_w.shape[-2:])
-    if small[0] >= size[0] and small[1] >= size[1]:
+    if not refines_edges(size, small):
         return _resize(alpha_w, size).to(image.dtype)
     image_w = image.to(_WORK_DTYPE)
     scale, offset, trust = _guided_coefficients(_resize(image_w, small), alpha_w, _GUIDE_RADIUS, _GUIDE_EPS)
@@ -288,14 +296,6 @@ def refine_alpha(image: torch.Tensor, alpha: torch.Tensor, predicted_at: tuple[i
     for channel in range(3):  # one full-size channel of A at a time
         refined.addcmul_(_resize(scale[:, channel:channel + 1], size), image_w[:, channel:channel + 1])
     return refined.clamp_(0, 1).to(image.dtype)
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased when shrinking (as the pipeline resizes images for the model)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
 def _guided_coefficients(guide: torch.Tensor, target: torch.Tensor, radius: int, eps: float
@@ -344,24 +344,3 @@ def _box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
         return ((index + radius).clamp(max=size - 1) - (index - radius).clamp(min=0) + 1).to(x.dtype)
 
     return sums.div_(counts(height)[:, None] * counts(width))
-
-
-def cutout_rgba(image: torch.Tensor, mask: torch.Tensor, refine_foreground: bool = True, refine_edges: bool = True,
-                predicted_at: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The colours and alpha of a cutout: ``image`` ``[B, 3, H, W]`` and its mask ``[B, 1, h, w]`` (foreground = 1,
-    any size) -> ``(rgb [B, 3, H, W], alpha [B, 1, H, W])``, straight (not premultiplied) alpha.
-
-    ``refine_edges``: a mask of another size is brought to the image's size along the image's edges
-    (``refine_alpha``) rather than bilinearly. ``refine_foreground``: where alpha is soft the colours are the
-    estimated foreground's (``estimate_foreground``), so no fringe of the old background shows on a new one;
-    where alpha is 1 they are the image's. With both off this is the plain cutout: the image's pixels under
-    the bilinearly resized mask. ``predicted_at``: see ``refine_alpha``. Same device and dtype as ``image``.
-    """
-    _check_maps(image, mask, "cutout_rgba", same_size=False)
-    size = tuple(image.shape[-2:])
-    if refine_edges:
-        alpha = refine_alpha(image, mask, predicted_at)
-    else:
-        alpha = _resize(mask.to(_WORK_DTYPE), size).clamp(0, 1).to(image.dtype)
-    rgb = estimate_foreground(image, alpha) if refine_foreground else image
-    return rgb, alpha

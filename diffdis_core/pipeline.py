@@ -27,11 +27,12 @@ from .configs import LATENT_SCALE_FACTOR
 from .devices import check_compiler, pick_dtype, reuse_freed_memory, vae_dtype, vae_force_upcast
 from .ensemble import ENSEMBLE_METHODS, ensemble_maps
 from .errors import DiffDISError
-from .image_io import pil_to_rgb_tensor
-from .matting import refine_alpha
-from .loading import ModelSources, load_scheduler, load_vae
-from .spec import DEFAULT_BASE, DEFAULT_MODEL, EMPTY_EMBED_FILE, TTA_VIEWS, check_processing_res
+from .cutout import cutout_rgba
 from .files import apply_umask
+from .image_io import pil_to_rgb_tensor, resize
+from .loading import ModelSources, load_scheduler, load_vae
+from .spec import (DEFAULT_BASE, DEFAULT_MODEL, DEFAULT_PROCESSING_RES, EMPTY_EMBED_FILE, TTA_VIEWS,
+                   check_processing_res)
 from .text import check_embedding_width, save_empty_embedding
 from .unet import DiffDISUNet, read_unet_state_dict
 from .vae_memory import lean_vae_resnets
@@ -98,11 +99,11 @@ class DiffDISLatents:
 
 @dataclass
 class DiffDISOutput(BaseOutput):
-    """``mask`` and ``edge``: [B, 1, H, W] float in [0, 1] at the input size. When the inputs differ in
-    size, a list of [1, 1, H_i, W_i] tensors instead. ``edge`` is None when not decoded."""
+    """``mask`` and ``edge``: one [B, 1, H, W] float tensor in [0, 1] at the inputs' size (or at the
+    processing size), whatever the inputs. ``edge`` is None when not decoded."""
 
-    mask: torch.Tensor | list[torch.Tensor]
-    edge: torch.Tensor | list[torch.Tensor] | None = None
+    mask: torch.Tensor
+    edge: torch.Tensor | None = None
 
 
 def to_image_batch(image: ImageInput) -> list[torch.Tensor]:
@@ -137,17 +138,6 @@ def to_image_batch(image: ImageInput) -> list[torch.Tensor]:
 def _to_rgb(tensor: torch.Tensor) -> torch.Tensor:
     channels = tensor.shape[1]
     return tensor.expand(-1, 3, -1, -1) if channels == 1 else tensor[:, :3]
-
-
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize; antialiased when shrinking (like PIL), a no-op at the same size. uint8 stays
-    uint8 (PyTorch's CPU kernel resizes 8-bit images without a float copy)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    if x.dtype == torch.uint8 and x.device.type != "cpu":
-        x = x.float() / 255
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
 def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -288,17 +278,15 @@ class DiffDISPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ stages
     @torch.inference_mode()
     @_reusing_freed_memory
-    def encode_condition(self, image: ImageInput, processing_res: int = 1024,
+    def encode_condition(self, image: ImageInput, processing_res: int = DEFAULT_PROCESSING_RES,
                          keep_image: bool = True) -> DiffDISCondition:
         """Resize each image to ``processing_res``² and VAE-encode it at full, 1/2, 1/4 and 1/8 size.
 
         ``keep_image=False`` drops the processing-size image from the condition (test-time
-        augmentation then cannot run on it).
+        augmentation then cannot run on it). Like every stage it trusts its inputs: ``check_inputs``
+        checks them.
         """
-        check_processing_res(processing_res)
         images = to_image_batch(image)
-        if not images:
-            raise DiffDISError("no image given")
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
         square = (processing_res, processing_res)
         rgb = torch.cat([_to_unit_float(resize(x[None], square)) for x in images]).clamp(0, 1)
@@ -337,10 +325,7 @@ class DiffDISPipeline(DiffusionPipeline):
         one [B, 4, h_v, w_v] tensor per view and draw (views in ``tta_views`` order, draws inner), which
         replays a run exactly. The same noise seeds mask and edge. ``callback`` runs after each UNet call.
         """
-        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
-            raise DiffDISError(f"ensemble_size must be a positive integer, got {ensemble_size!r}")
         processing_res = condition.processing_res
-        check_processing_res(processing_res, tta=tta)
         if tta and condition.image is None:
             raise DiffDISError("test-time augmentation needs the condition's image: encode it with keep_image=True")
         views = self.tta_views if tta else [PLAIN_VIEW]
@@ -426,20 +411,16 @@ class DiffDISPipeline(DiffusionPipeline):
     @torch.inference_mode()
     @_reusing_freed_memory
     def decode(self, latents: DiffDISLatents, decode_edge: bool = True, minmax: bool = True,
-               output_size: bool = True, ensemble: str = "median", batch_size: int | None = None,
-               refine_edges_with: Sequence[torch.Tensor] | None = None) -> DiffDISOutput:
-        """Maps from latents, as the authors make them: per view, combine the draws (``ensemble``:
+               output_size: bool = True, ensemble_reduction: str = "median",
+               batch_size: int | None = None) -> DiffDISOutput:
+        """Maps from latents, as the authors make them: per view, combine the draws (``ensemble_reduction``:
         ``median`` = their scale-and-shift-aligned median, or ``mean``), min-max (``minmax``), undo the
-        view's flip and scale (plain bilinear), average the views; then resize to each input's size
-        (``output_size``, else the maps stay at the processing size).
+        view's flip and scale (plain bilinear), average the views; then resize to the inputs' size
+        (``output_size``: they must have one size; else the maps stay at the processing size).
 
         ``batch_size``: latents decoded at once (default: the batch's masks, then its edges, per draw and
         view), so the edge, ensembling and TTA add no memory to a mask-only run.
-        ``refine_edges_with``: the input images ([3, H, W] each): masks are brought to a larger input's
-        size along its edges (``diffdis_core.matting.refine_alpha``) instead of bilinearly.
         """
-        if ensemble not in ENSEMBLE_METHODS:
-            raise DiffDISError(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {ensemble!r}")
         square = (latents.processing_res, latents.processing_res)
         kinds = ["mask", "edge"] if decode_edge else ["mask"]
         sums: dict[str, torch.Tensor] = {}
@@ -449,7 +430,8 @@ class DiffDISPipeline(DiffusionPipeline):
             maps = self.decode_maps(per_draw.flatten(0, 2), batch_size or batch)
             maps = maps.view(draws, len(kinds), batch, *maps.shape[1:])
             for index, kind in enumerate(kinds):
-                combined = torch.stack([ensemble_maps(maps[:, index, b], ensemble) for b in range(batch)])
+                combined = torch.stack([ensemble_maps(maps[:, index, b], ensemble_reduction)
+                                        for b in range(batch)])
                 combined = minmax_normalize(combined) if minmax else combined
                 if view.flip:
                     combined = combined.flip(-1)
@@ -457,51 +439,60 @@ class DiffDISPipeline(DiffusionPipeline):
                     combined = F.interpolate(combined, size=square, mode="bilinear", align_corners=False)
                 sums[kind] = combined if kind not in sums else sums[kind] + combined
         count = len(latents.views)
-        mask = self._to_input_sizes(sums["mask"] / count, latents.sizes, output_size, refine_edges_with)
-        edge = self._to_input_sizes(sums["edge"] / count, latents.sizes, output_size) if decode_edge else None
-        return DiffDISOutput(mask=mask, edge=edge)
+        maps = {kind: total / count for kind, total in sums.items()}
+        if output_size:
+            maps = {kind: resize(m, _one_size(latents.sizes)).clamp(0, 1) for kind, m in maps.items()}
+        return DiffDISOutput(mask=maps["mask"], edge=maps.get("edge"))
 
-    @staticmethod
-    def _to_input_sizes(maps: torch.Tensor, sizes: list[tuple[int, int]], output_size: bool,
-                        guides: Sequence[torch.Tensor] | None = None):
-        if not output_size:
-            return maps
-        if guides is not None:
-            if len(guides) != len(sizes):
-                raise DiffDISError(f"refine_edges_with: give one image per input ({len(sizes)}), got {len(guides)}")
-            per_image = [refine_alpha(_to_unit_float(guide[None]).to(m.device), m[None])
-                         for m, guide in zip(maps, guides, strict=True)]
-        else:
-            per_image = [resize(m[None], size).clamp(0, 1) for m, size in zip(maps, sizes, strict=True)]
-        return torch.cat(per_image) if len(set(sizes)) == 1 else per_image
+    def check_inputs(self, images: list[torch.Tensor], processing_res: int, ensemble_size: int,
+                     ensemble_reduction: str, tta: bool, output_size: bool) -> None:
+        """Every setting of ``__call__``, checked once at its entry (diffusers' ``check_inputs``): the
+        stages trust them. Each problem is one DiffDISError naming the value and what to do."""
+        check_processing_res(processing_res, tta=tta)
+        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
+            raise DiffDISError(f"ensemble_size must be a positive integer, got {ensemble_size!r}")
+        if ensemble_reduction not in ENSEMBLE_METHODS:
+            raise DiffDISError(f"ensemble_reduction must be one of {', '.join(ENSEMBLE_METHODS)}, "
+                               f"got {ensemble_reduction!r}")
+        if not images:
+            raise DiffDISError("no image given")
+        if output_size:
+            _one_size([tuple(x.shape[-2:]) for x in images])
 
     @torch.inference_mode()
     @_reusing_freed_memory
-    def __call__(self, image: ImageInput, processing_res: int = 1024, latents: NoiseInput | None = None,
+    def __call__(self, image: ImageInput, processing_res: int = DEFAULT_PROCESSING_RES,
+                 latents: NoiseInput | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None, ensemble_size: int = 1,
-                 ensemble: str = "median", tta: bool = False, decode_edge: bool = True, minmax: bool = True,
+                 ensemble_reduction: str = "median", tta: bool = False, decode_edge: bool = True, minmax: bool = True,
                  output_size: bool = True, refine_edges: bool = False,
                  callback: Callable[[], None] | None = None) -> DiffDISOutput:
         """Segment ``image``: PIL image(s), a uint8 HWC array, or a [B, 3, H, W] tensor (float in [0, 1]
         or uint8).
 
         ``processing_res``: the square size the model sees (a multiple of 64; with ``tta`` of 256).
-        ``ensemble_size`` noise draws per view are combined by ``ensemble`` (``median``: the authors'
-        aligned median; ``mean``). ``tta``: the authors' six flip x scale views. ``latents``: see
-        ``segment``. ``minmax``: the authors' per-map min-max normalisation. ``output_size=False``
-        keeps the maps at the processing size. ``refine_edges``: masks of inputs larger than the
-        processing size follow the image's edges at full size (``diffdis_core.refine_alpha``) instead of
-        being enlarged bilinearly (off by default: the authors' maps).
+        ``ensemble_size`` noise draws per view are combined by ``ensemble_reduction`` (``median``: the
+        authors' aligned median; ``mean``). ``tta``: the authors' six flip x scale views. ``latents``:
+        see ``segment``. ``minmax``: the authors' per-map min-max normalisation. Returns one
+        [B, 1, H, W] tensor per map: the inputs must have one size, or ``output_size=False`` keeps the
+        maps at the processing size. ``refine_edges``: masks of inputs larger than the processing size
+        follow the image's edges at full size (the cutout's step, ``diffdis_core.cutout_rgba``) instead
+        of being enlarged bilinearly (off by default: the authors' maps).
         """
-        check_processing_res(processing_res, tta=tta)
-        if ensemble not in ENSEMBLE_METHODS:
-            raise DiffDISError(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {ensemble!r}")
         images = to_image_batch(image)
+        self.check_inputs(images, processing_res, ensemble_size, ensemble_reduction, tta, output_size)
         condition = self.encode_condition(images, processing_res, keep_image=tta)
         segmented = self.segment(condition, latents=latents, generator=generator, ensemble_size=ensemble_size,
                                  tta=tta, callback=callback)
-        output = self.decode(segmented, decode_edge=decode_edge, minmax=minmax, output_size=output_size,
-                             ensemble=ensemble, refine_edges_with=images if refine_edges else None)
+        refine = refine_edges and output_size
+        output = self.decode(segmented, decode_edge=decode_edge, minmax=minmax, output_size=output_size and not refine,
+                             ensemble_reduction=ensemble_reduction)
+        if refine:
+            # One image at a time: a full-size float copy of one photo at most.
+            mask = torch.cat([cutout_rgba(x[None].to(m.device), m[None], refine_edges=True, refine_foreground=False)[1]
+                              for x, m in zip(images, output.mask, strict=True)])
+            edge = resize(output.edge, _one_size(segmented.sizes)).clamp(0, 1) if output.edge is not None else None
+            output = DiffDISOutput(mask=mask, edge=edge)
         self.maybe_free_model_hooks()
         return output
 
@@ -561,6 +552,15 @@ class DiffDISPipeline(DiffusionPipeline):
 
 def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x
+
+
+def _one_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The inputs' one (height, width): the maps at the input size are one [B, 1, H, W] tensor."""
+    if len(set(sizes)) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in dict.fromkeys(sizes))
+        raise DiffDISError(f"the images differ in size ({shown}): segment each size in its own call, or pass "
+                           "output_size=False for maps at the processing size")
+    return sizes[0]
 
 
 __all__ = [

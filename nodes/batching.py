@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import torch
 
+from diffdis_core import spec
+
 from . import services
 
 T = TypeVar("T")
@@ -24,7 +26,7 @@ MAX_CHUNK = 32  # more images per call rarely helps
 # Wall time a chunk aims at (None: chunks by memory only). One convolution of a chunk is a small part
 # of it, and that is how long Cancel can take.
 TARGET_CHUNK_SECONDS: float | None = 2.0
-TTA_MAX_SCALE = 1.25  # the largest test-time-augmentation view (diffdis_core.pipeline.TTA_VIEWS)
+TTA_MAX_SCALE = max(scale for _, scale in spec.TTA_VIEWS)  # the largest test-time-augmentation view
 
 # ComfyUI's estimates for the SD AutoencoderKL (comfy/sd.py), bytes per pixel per byte of dtype.
 VAE_ENCODE_BYTES_PER_PIXEL = 1767

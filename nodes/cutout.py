@@ -2,7 +2,8 @@
 
 Both run the three stages per chunk of frames (encode, one UNet step, decode the mask only), so no
 condition or latents are kept between stages, under ComfyUI's memory management, with progress and
-Cancel as the stage nodes; then the cutout refinements (refinement.py), as Apply Alpha does them.
+Cancel as the stage nodes; the mask is brought to the frames' size by the core's cutout
+(``diffdis_core.cutout.cutout_rgba``), whose colours Remove Background then takes (refinement.py).
 """
 
 from __future__ import annotations
@@ -11,47 +12,50 @@ import torch
 from comfy_api.latest import IO
 
 from diffdis_core import spec
+from diffdis_core.cutout import REFINE_EDGES, cutout_rgba
+from diffdis_core.matting import refines_edges
 
 from . import batching, refinement, schema, services, tensors
-from .segmentation import check_model, check_processing_res, decode_chunk, encode_chunk, frame_pixels, segment_chunk
+from .segmentation import check_model, check_processing_res, encode_chunk, frame_pixels, segment_chunk
 
 
-def cutout_steps(count: int, tta: bool = False, ensemble: int = 1) -> int:
+def cutout_steps(count: int, tta: bool = False, ensemble_size: int = 1) -> int:
     """Progress steps of cutout_masks for ``count`` frames: encode, each UNet call, decode."""
-    return count * (2 + (len(spec.TTA_VIEWS) if tta else 1) * ensemble)
+    return count * (2 + (len(spec.TTA_VIEWS) if tta else 1) * ensemble_size)
 
 
 def cutout_masks(model, image: torch.Tensor, processing_res: int, seed: int = 0, tta: bool = False,
-                 ensemble: int = 1, normalize: bool = True, refine_edges: bool = False, progress=None) -> torch.Tensor:
-    """DiffDIS masks (foreground = 1) of an IMAGE batch: MASK [B, H, W] on ComfyUI's intermediate
-    device; the same values as Encode Condition -> One-Step Segment -> Decode (mask only).
-    ``refine_edges``: masks of frames larger than the processing size are brought to their size along
-    the frames' edges, from the processing-size mask (better than Apply Alpha can do from a MASK at the
-    frame's size). ``progress`` (a bar with room for cutout_steps) is advanced as the stages run; by
-    default a bar of its own."""
+                 ensemble_size: int = 1, normalize: bool = True, refine_edges: bool = REFINE_EDGES,
+                 progress=None) -> torch.Tensor:
+    """DiffDIS masks (foreground = 1) of an IMAGE batch, the cutouts' alpha: MASK [B, H, W] on ComfyUI's
+    intermediate device. Without ``refine_edges`` (or on frames not larger than the processing size) the
+    same values as Encode Condition -> One-Step Segment -> Decode (mask only); with it, masks of larger
+    frames follow the frames' edges, from the processing-size mask (better than Apply Alpha can do from a
+    MASK at the frame's size). ``progress`` (a bar with room for cutout_steps) is advanced as the stages
+    run; by default a bar of its own."""
     tensors.image_to_rgb(image)  # checks the IMAGE before any work
     frames = image if image.ndim == 4 else image[None]
     count = frames.shape[0]
-    edges = refine_edges and refinement.refines_edges(tuple(frames.shape[1:3]), processing_res)
+    edges = refine_edges and refines_edges(tuple(frames.shape[1:3]), (processing_res, processing_res))
     per_image = max(batching.encode_bytes(processing_res, model.vae_dtype),
                     batching.segment_bytes(processing_res, model.dtype, model.vae_dtype, tta),
                     batching.decode_bytes(processing_res, model.vae_dtype, tta),
                     refinement.frame_bytes(tuple(frames.shape[1:3]), processing_res, edges) if edges else 0)
     pipe = model.ready(per_image)
     if progress is None:
-        progress = services.progress_bar(cutout_steps(count, tta, ensemble))
+        progress = services.progress_bar(cutout_steps(count, tta, ensemble_size))
     keep_on = services.intermediate_device()
 
     def cutout_part(start: int, stop: int) -> torch.Tensor:
         pixels = frame_pixels(pipe, frames[start:stop])
         condition = encode_chunk(pipe, pixels, processing_res, keep_image=tta)
         progress.update(stop - start)
-        latents = segment_chunk(pipe, condition, seed, ensemble, tta, progress.update)
+        latents = segment_chunk(pipe, condition, seed, ensemble_size, tta, progress.update)
         del condition
-        mask, _ = decode_chunk(pipe, latents, decode_edge=False, normalize=normalize,
-                               refine_edges_with=pixels if edges else None)
+        square = pipe.decode(latents, decode_edge=False, minmax=normalize, output_size=False).mask
+        _, alpha = cutout_rgba(pixels, square, refine_edges=edges, refine_foreground=False)
         progress.update(stop - start)
-        return mask.to(keep_on)
+        return alpha[:, 0].to(keep_on)
 
     with services.cancellable(pipe.unet, pipe.vae):
         parts = batching.run_in_chunks(count, batching.chunk_size(per_image, pipe.device), cutout_part)
@@ -112,9 +116,9 @@ class DiffDISBackgroundRemoval:
     """DiffDIS as ComfyUI's ``BACKGROUND_REMOVAL`` model (comfy/bg_removal_model.py, ComfyUI >= 0.21):
     what core *Remove Background* takes. ``encode_image(IMAGE)`` gives the foreground mask as that
     node's own models do: float [B, 1, H, W] in 0..1 at the image size, on ComfyUI's intermediate
-    device and dtype. Settings are the trained ones: processing size 1024, seed 0, no TTA. On images
-    larger than the processing size the mask's edges are refined at full resolution (refine_edges,
-    as the DiffDIS nodes do by default): only a mask leaves here, so colours cannot be refined.
+    device and dtype. Settings are the trained ones: processing size 1024, seed 0, no TTA, and the
+    cutout's defaults: on images larger than the processing size the mask's edges are refined at full
+    resolution (refine_edges); only a mask leaves here, so colours cannot be refined.
     """
 
     seed = 0
@@ -129,7 +133,7 @@ class DiffDISBackgroundRemoval:
         self.dtype = self.diffdis.dtype
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        mask = cutout_masks(self.diffdis, image, self.image_size, seed=self.seed, refine_edges=True)
+        mask = cutout_masks(self.diffdis, image, self.image_size, seed=self.seed)
         return mask[:, None].to(services.intermediate_dtype())
 
     def __repr__(self) -> str:

@@ -1,6 +1,6 @@
-"""The cutout refinements of ``diffdis_core.matting`` on ComfyUI tensors (Apply Alpha, Remove Background,
-the BACKGROUND_REMOVAL model): a mask predicted at the processing size brought to a larger image along
-its edges (``refine_alpha``), and the subject's own colours under a soft alpha (``estimate_foreground``).
+"""The core's cutout (``diffdis_core.cutout.cutout_rgba``) on ComfyUI tensors, for Apply Alpha and Remove
+Background: a mask predicted at the processing size brought to a larger image along its edges, and the
+subject's own colours under a soft alpha.
 
 Only layouts are converted here (IMAGE [B, H, W, 3] and MASK [B, H, W] to the core's [B, C, H, W]);
 frames run in chunks that fit in the device's memory, with progress and Cancel, like the model's stages.
@@ -12,8 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from . import batching, services, tensors
-from .checks import core
+from diffdis_core.cutout import cutout_rgba
+from diffdis_core.matting import refines_edges
+
+from . import batching, services
 
 # Peak working memory per frame, float32, measured (RSS) on 1080p and 4K frames: estimate_foreground
 # about 40 bytes per image pixel, refine_alpha about 20 plus about 350 per pixel of the processing size
@@ -35,12 +37,6 @@ REFINE_EDGES_TOOLTIP = (
     "smear). Nothing changes for images not larger than processing_res.")
 
 
-def refines_edges(size: tuple[int, int], processing_res: int) -> bool:
-    """Whether a mask predicted at ``processing_res``² has detail to gain on an image of ``size``:
-    only when the image is larger on a side (otherwise the mask is as sharp as the image)."""
-    return size[0] > processing_res or size[1] > processing_res
-
-
 def frame_bytes(size: tuple[int, int], processing_res: int, edges: bool) -> int:
     """Working memory of the refinements of one frame of ``size``; ``edges``: with refine_alpha."""
     return BYTES_PER_PIXEL * size[0] * size[1] + (BYTES_PER_PROCESSING_PIXEL * processing_res ** 2 if edges else 0)
@@ -51,44 +47,30 @@ def refine_cutouts(rgb: torch.Tensor, mask: torch.Tensor, processing_res: int, r
                    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The colours [B, H, W, 3] and alpha [B, H, W] of the cutouts of ``rgb`` [B, H, W, 3] under ``mask``
-    [B, h, w] (one per frame, any size; predicted at ``processing_res``²), on ComfyUI's intermediate device.
-
-    In this order: the mask brought to the image's size (along the image's edges when ``refine_edges``
-    and the image is larger than the processing size, else bilinearly), then ``adjust`` (a MASK -> MASK
-    step such as Apply Alpha's threshold, invert, grow and feather), then, when ``refine_foreground``,
-    the colours estimated for that final alpha (else the image's own). Runs on ``device``;
-    ``progress.update(n)`` after every n frames.
+    [B, h, w] (one per frame, any size; predicted at ``processing_res``²), on ComfyUI's intermediate device:
+    the core's ``cutout_rgba`` (``adjust``: a MASK -> MASK step such as Apply Alpha's threshold, invert, grow
+    and feather, ``tensors.refine_mask``). Runs on ``device``; ``progress.update(n)`` after every n frames.
     """
     size = tuple(rgb.shape[1:3])
-    edges = refine_edges and refines_edges(size, processing_res)
-    if not edges and not refine_foreground:  # nothing for the matting: resize and adjust in place, as always
-        alpha = tensors.resize_mask(mask, size)
-        alpha = adjust(alpha) if adjust is not None else alpha
-        if progress is not None:
-            progress.update(rgb.shape[0])
-        return rgb, alpha
-    matting = core()
+    predicted_at = (processing_res, processing_res)
+    edges = refine_edges and refines_edges(size, predicted_at)
+    alpha_step = (lambda alpha: adjust(alpha[:, 0])[:, None]) if adjust is not None else None
     keep_on = services.intermediate_device()
-    per_frame = frame_bytes(size, processing_res, edges)
-    services.make_room(per_frame, device)
 
-    def refine_part(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = rgb[start:stop].to(device).movedim(-1, 1).contiguous()
-        masks = mask[start:stop].to(device)
-        if edges:
-            alpha = matting.refine_alpha(pixels, masks[:, None], predicted_at=(processing_res, processing_res))[:, 0]
-        else:
-            alpha = tensors.resize_mask(masks, size)
-        if adjust is not None:
-            alpha = adjust(alpha)
-        if refine_foreground:
-            colours = matting.estimate_foreground(pixels, alpha[:, None]).movedim(1, -1)
-        else:
-            colours = rgb[start:stop]
+    def cutout_part(start: int, stop: int, on: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = rgb[start:stop].to(on).movedim(-1, 1).contiguous()
+        colours, alpha = cutout_rgba(pixels, mask[start:stop, None].to(on), refine_edges=edges,
+                                     refine_foreground=refine_foreground, adjust=alpha_step, predicted_at=predicted_at)
         if progress is not None:
             progress.update(stop - start)
-        return colours.to(keep_on), alpha.to(keep_on)
+        colours = colours.movedim(1, -1) if refine_foreground else rgb[start:stop]
+        return colours.to(keep_on), alpha[:, 0].to(keep_on)
 
-    parts = batching.run_in_chunks(rgb.shape[0], batching.chunk_size(per_frame, device), refine_part)
+    if not edges and not refine_foreground:  # nothing for the matting: resize and adjust where the frames are
+        return cutout_part(0, rgb.shape[0], rgb.device)
+    per_frame = frame_bytes(size, processing_res, edges)
+    services.make_room(per_frame, device)
+    parts = batching.run_in_chunks(rgb.shape[0], batching.chunk_size(per_frame, device),
+                                   lambda start, stop: cutout_part(start, stop, device))
     colours, alphas = zip(*parts, strict=True)
     return torch.cat(colours), torch.cat(alphas)

@@ -75,19 +75,16 @@ def core_condition(pipe, cond: FrameConditions, start: int, stop: int):
     return core().DiffDISCondition(None, latents, list(cond.sizes[start:stop]))
 
 
-def segment_chunk(pipe, condition, seed: int, ensemble: int, tta: bool, after_unet_call):
+def segment_chunk(pipe, condition, seed: int, ensemble_size: int, tta: bool, after_unet_call):
     """One-step predictions for a core condition; ``after_unet_call(n)`` after each UNet call of n images."""
     count = len(condition.sizes)
-    return pipe.segment(condition, generator=generators(seed, count), ensemble_size=ensemble, tta=tta,
+    return pipe.segment(condition, generator=generators(seed, count), ensemble_size=ensemble_size, tta=tta,
                         callback=lambda: after_unet_call(count))
 
 
-def decode_chunk(pipe, latents, decode_edge: bool, normalize: bool, refine_edges_with: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """MASKs [B, H, W] of the mask (and the edge, or None) at the frames' sizes; with ``refine_edges_with``
-    (the frames' pixels) the mask is brought to a larger frame's size along its edges (the core's
-    refine_alpha, from the processing-size mask) instead of bilinearly."""
-    out = pipe.decode(latents, decode_edge=decode_edge, minmax=normalize, refine_edges_with=refine_edges_with)
+def decode_chunk(pipe, latents, decode_edge: bool, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MASKs [B, H, W] of the mask (and the edge, or None) at the frames' size."""
+    out = pipe.decode(latents, decode_edge=decode_edge, minmax=normalize)
     edge = tensors.maps_to_mask(out.edge) if decode_edge else None
     return tensors.maps_to_mask(out.mask), edge
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
+
+from diffdis_core.cutout import adjust_alpha
 
 from .checks import error
 
@@ -56,10 +57,8 @@ def concat_masks(masks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(masks)
 
 
-def maps_to_mask(maps: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """The core's [B, 1, H, W] maps (or its per-image list when sizes differ) as a MASK [B, H, W]."""
-    if isinstance(maps, list):
-        return concat_masks([m[:, 0].float() for m in maps])
+def maps_to_mask(maps: torch.Tensor) -> torch.Tensor:
+    """The core's [B, 1, H, W] maps as a MASK [B, H, W]."""
     return maps[:, 0].float()
 
 
@@ -75,45 +74,10 @@ def match_batch(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
                 "images, or a single one")
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(mask.shape[-2:]) == tuple(size):
-        return mask
-    return F.interpolate(mask[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
-
-
-# ---------------------------------------------------------------------------- mask refinement
-def expand_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Grow (> 0) or shrink (< 0) the foreground by ``pixels``: grey dilation or erosion with a square."""
-    if pixels == 0:
-        return mask
-    size = 2 * abs(pixels) + 1
-    x = mask[:, None] if pixels > 0 else -mask[:, None]
-    x = F.max_pool2d(x, kernel_size=size, stride=1, padding=abs(pixels))
-    return (x if pixels > 0 else -x)[:, 0]
-
-
-def blur_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Feather with a Gaussian of the given radius (sigma = radius / 2), edges extended."""
-    if radius <= 0:
-        return mask
-    sigma = radius / 2
-    offsets = torch.arange(-radius, radius + 1, dtype=mask.dtype, device=mask.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    x = mask[:, None]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return x[:, 0].clamp(0, 1)
-
-
 def refine_mask(mask: torch.Tensor, threshold: float, invert: bool, expand: int, blur: int) -> torch.Tensor:
-    """Threshold the foreground probability, invert (to keep the background instead), then grow or
-    shrink and feather the kept region's edge."""
-    if threshold > 0:
-        mask = (mask >= threshold).to(mask.dtype)
-    if invert:
-        mask = 1 - mask
-    return blur_mask(expand_mask(mask, expand), blur)
+    """A MASK [B, H, W] thresholded, inverted, grown (``expand`` > 0) or shrunk and feathered (``blur``):
+    the cutout's ``adjust_alpha``."""
+    return adjust_alpha(mask[:, None], threshold, invert, expand, blur)[:, 0]
 
 
 # ---------------------------------------------------------------------------- backgrounds

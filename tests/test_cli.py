@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from diffdis_core import DiffDISError, DiffDISPipeline
 from diffdis_core.cli import collect_inputs, main
-from diffdis_core.image_io import is_whole_png, load_image, result_info
+from diffdis_core.image_io import is_whole_png, open_image, result_info
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOT_ARGS = ["--base", "none", "--resolution", "64"]
@@ -54,13 +54,13 @@ def test_cutout_is_rgba_at_the_displayed_size(tmp_path, official_tiny, tiny_pipe
                "--dtype", "fp32", "--no-refine-foreground") == 0
     result = Image.open(tmp_path / "out" / "photo.png")
     assert result.mode == "RGBA" and result.size == (30, 50)  # width, height after rotation
-    rgb = load_image(tmp_path / "photo.jpg")
+    rgb = open_image(tmp_path / "photo.jpg").rgb()
     photo = ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg"))  # as the Python API gets it
     expected = tiny_pipeline(photo, processing_res=64, generator=torch.Generator().manual_seed(3),
                              decode_edge=False).mask[0, 0]
     alpha = np.asarray(result)[..., 3].astype(np.float32) / 255
     assert np.abs(alpha - expected.numpy()).max() <= 1 / 255 + 1e-6
-    assert np.array_equal(np.asarray(result)[..., :3], (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    assert np.array_equal(np.asarray(result)[..., :3], rgb.permute(1, 2, 0).numpy())
 
 
 def test_odd_but_valid_images_just_work(tmp_path, official_tiny):
@@ -85,7 +85,7 @@ def test_odd_but_valid_images_just_work(tmp_path, official_tiny):
 
 def test_sixteen_bit_input_keeps_its_range(tmp_path):
     Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(tmp_path / "white16.png")
-    assert torch.allclose(load_image(tmp_path / "white16.png"), torch.ones(3, 4, 4))
+    assert torch.allclose(open_image(tmp_path / "white16.png").rgb(), torch.ones(3, 4, 4))
 
 
 def test_rerun_resumes_and_adds_missing_extras(tmp_path, official_tiny, capsys, monkeypatch):
@@ -318,7 +318,9 @@ def test_symlink_loops_and_dangling_links_in_globs(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "does not exist"),
     (["--model", "tests/fixture/official_tiny"], "did you mean"),
-    (["--resolution", "100"], "multiple of 64"),
+    (["--resolution", "100"], "--processing-res must be a multiple of 64"),
+    (["--processing-res", "100"], "--processing-res must be a multiple of 64"),
+    (["--ensemble", "0"], "--ensemble-size/--ensemble: 0 must be >= 1"),
     (["--device", "nosuchdevice"], "not usable"),
     (["--max-megapixels", "-1"], "max-megapixels"),
     (["--max-megapixels", "inf"], "--max-megapixels: 'inf' is not a finite number"),
@@ -337,6 +339,26 @@ def test_user_mistakes_are_one_line_errors(tmp_path, official_tiny, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_old_option_names_are_aliases_of_the_pipelines(tmp_path, official_tiny, capsys):
+    """--resolution and --ensemble (the names before the pipeline's) still work as --processing-res and
+    --ensemble-size: the same cutout, and a run with the other names finds it done with the same settings."""
+    noise_image(24, 20).save(tmp_path / "a.png")
+    image, model = str(tmp_path / "a.png"), ["--model", str(official_tiny), "--base", "none"]
+    old = ["--resolution", "64", "--ensemble", "2"]
+    new = ["--processing-res", "64", "--ensemble-size", "2"]
+    assert main([image, "--output", str(tmp_path / "old"), *model, *old]) == 0
+    assert main([image, "--output", str(tmp_path / "new"), *model, *new]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "old" / "a.png")),
+                          np.asarray(Image.open(tmp_path / "new" / "a.png")))
+    single = np.asarray(Image.open(tmp_path / "old" / "a.png"))
+    capsys.readouterr()
+    assert main([image, "--output", str(tmp_path / "old"), *model, *new]) == 0
+    err = capsys.readouterr().err
+    assert summary(err).startswith("0 written, 1 already done") and "other settings" not in err
+    assert main([image, "--output", str(tmp_path / "one"), *model, "--processing-res", "64"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "one" / "a.png")), single)  # the 2 draws counted
 
 
 def test_offline_hub_error_names_the_option_and_the_files(tmp_path, capsys, monkeypatch):
@@ -455,7 +477,7 @@ def test_cutouts_are_refined_by_default(tmp_path, official_tiny):
     assert np.array_equal(plain_mask, map_to_uint8(square, (150, 120)))
     assert np.abs(refined_mask.astype(int) - plain_mask).max() > 2
     refined = np.asarray(Image.open(tmp_path / "refined" / "big.png"))
-    foreground = estimate_foreground(colours, torch.from_numpy(refined_mask)[None, None].float() / 255)
+    foreground = estimate_foreground(colours, refine_alpha(colours, square))  # under the alpha before rounding
     expected = (foreground[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(refined[..., :3], expected) and np.array_equal(refined[..., 3], refined_mask)
     plain = np.asarray(Image.open(tmp_path / "plain" / "big.png"))

@@ -157,7 +157,7 @@ def test_cutout_rgba_options(composite):
     (estimate_foreground, torch.rand(1, 4, 8, 8), torch.rand(1, 1, 8, 8), "image must be [B, 3, H, W]"),
     (refine_alpha, torch.rand(1, 3, 8, 8), torch.rand(1, 3, 4, 4), "alpha must be [B, 1, H, W]"),
     (refine_alpha, torch.rand(2, 3, 8, 8), torch.rand(1, 1, 4, 4), "batches differ"),
-    (cutout_rgba, torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8), torch.rand(1, 1, 8, 8), "float tensor"),
+    (cutout_rgba, torch.rand(1, 3, 8, 8), torch.randint(0, 255, (1, 1, 8, 8), dtype=torch.uint8), "mask must be a"),
     (cutout_rgba, torch.rand(1, 3, 0, 8), torch.rand(1, 1, 4, 4), "image must be [B, 3, H, W]"),
 ])
 def test_bad_inputs_are_named(call, image, alpha, words):
@@ -177,3 +177,19 @@ def test_accelerators_match_the_cpu(device, composite):
     assert foreground.device.type == device and foreground.dtype == torch.float16
     cpu_error = foreground_error(estimate_foreground(image, alpha), truth, alpha)
     assert foreground_error(foreground.float().cpu(), truth, alpha) == pytest.approx(cpu_error, rel=0.03)
+
+
+@pytest.mark.parametrize("refine_edges, refine_foreground", [(True, True), (False, True), (True, False), (False, False)])
+def test_the_8_bit_cutout_is_the_float_cutout_rounded(composite, refine_edges, refine_foreground):
+    """as_uint8 (the command line's memory strategy) changes the memory, not the cutout: the float results
+    to the 8-bit rounding; a uint8 image's colours come back as they are when not estimated (no copy)."""
+    eight_bit = (composite["image"] * 255).round().to(torch.uint8)
+    small = shrink(composite["alpha"], (60, 80))
+    options = {"refine_edges": refine_edges, "refine_foreground": refine_foreground}
+    rgb, alpha = cutout_rgba(eight_bit.float() / 255, small, **options)
+    rgb8, alpha8 = cutout_rgba(eight_bit, small, as_uint8=True, **options)
+    assert rgb8.dtype == alpha8.dtype == torch.uint8 and alpha8.shape == alpha.shape
+    assert ((rgb * 255).round() - rgb8.float()).abs().max() <= 1
+    assert ((alpha * 255).round() - alpha8.float()).abs().max() <= 1
+    if not refine_foreground:
+        assert rgb8 is eight_bit

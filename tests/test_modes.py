@@ -96,7 +96,7 @@ def test_ensembling_follows_the_authors_method(tiny_pipeline, ensemble_latents, 
                                     torch.from_numpy(shift)).item()
     assert ours_cost <= their_objective(draws)
     # The plain mean is another method, far from theirs: the comparison above has teeth.
-    mean = tiny_pipeline.decode(ensemble_latents, output_size=False, ensemble="mean")
+    mean = tiny_pipeline.decode(ensemble_latents, output_size=False, ensemble_reduction="mean")
     assert max_error(getattr(mean, kind)[0, 0], expected[f"ensemble_{kind}_square"]) > 0.2
 
 
@@ -122,7 +122,7 @@ def test_draws_differing_by_scale_and_shift_ensemble_to_the_minmaxed_draw(expect
 
 
 def test_tta_and_ensemble_replay_exactly_from_a_noise_list(tiny_pipeline, square_image):
-    options = dict(processing_res=256, tta=True, ensemble_size=2, ensemble="mean", decode_edge=False)
+    options = dict(processing_res=256, tta=True, ensemble_size=2, ensemble_reduction="mean", decode_edge=False)
     seeded = tiny_pipeline(square_image, generator=torch.Generator().manual_seed(5), **options).mask
     # The same draws as a list: views in tta_views order, draws inner.
     generator = torch.Generator().manual_seed(5)

@@ -1304,7 +1304,9 @@ def test_refine_edges_only_on_images_larger_than_the_processing_size():
         same, kept = apply(image, mask, processing_res=size, refine_foreground=False)
         torch.testing.assert_close(kept, mask, atol=0, rtol=0)
         torch.testing.assert_close(same[..., :3], image, atol=0, rtol=0)
-    assert refinement.refines_edges((48, 128), 64) and not refinement.refines_edges((64, 64), 64)  # one side will do
+    from diffdis_core.matting import refines_edges
+
+    assert refines_edges((48, 128), (64, 64)) and not refines_edges((64, 64), (64, 64))  # one side will do
 
 
 def test_refinements_come_in_order_edges_threshold_grow_feather_then_colours():
@@ -1332,8 +1334,10 @@ def test_refinements_run_in_chunks_with_progress_and_cancel(monkeypatch, memory_
     monkeypatch.setattr(services, "free_memory", lambda device: 2 * per_frame + 1)  # two frames at a time
     progress = services._NoProgress(5)
     sizes = []
-    estimate = refinement.core().estimate_foreground
-    monkeypatch.setattr(refinement.core(), "estimate_foreground",
+    from diffdis_core import cutout as core_cutout
+
+    estimate = core_cutout.estimate_foreground
+    monkeypatch.setattr(core_cutout, "estimate_foreground",
                         lambda image, alpha: sizes.append(image.shape[0]) or estimate(image, alpha))
     chunked = refinement.refine_cutouts(image, mask, 64, True, True, torch.device("cpu"), progress=progress)
     assert sizes == [2, 2, 1] and progress.current == 5
@@ -1411,3 +1415,37 @@ def test_loader_compile_without_a_compiler_says_what_to_install(monkeypatch):
     with pytest.raises(DiffDISError,
                        match="compile on the CPU needs a C\\+\\+ compiler .* or turn compile off in Load DiffDIS"):
         run("DiffDISLoader", model="tiny", precision="fp32", device="cpu", compile=True)
+
+
+@pytest.mark.parametrize("height, width, refine_edges, through_apply_alpha", [
+    (48, 56, True, True),  # not larger than the processing size: resized, colours refined
+    (80, 104, False, True),  # larger, edges not refined
+    (80, 104, True, False),  # larger, edges refined: only from the processing-size mask (Apply Alpha gets a MASK
+    # at the frame's size, which it can only shrink back)
+])
+def test_one_cutout_through_the_cli_apply_alpha_and_remove_background(model, official_tiny, tmp_path, height, width,
+                                                                      refine_edges, through_apply_alpha):
+    """Issue 18: the front ends share the core's cutout, so the same image and settings give the same RGBA
+    within one grey level (the CLI computes in 8 bits, the nodes in float)."""
+    import numpy as np
+    from PIL import Image
+
+    from diffdis_core.cli import main
+
+    frame = (images(batch=1, height=height, width=width, seed=5) * 255).round() / 255  # what an 8-bit file holds
+    Image.fromarray((frame[0] * 255).round().to(torch.uint8).numpy()).save(tmp_path / "frame.png")
+    options = [] if refine_edges else ["--no-refine-edges"]
+    assert main([str(tmp_path / "frame.png"), "--output", str(tmp_path / "out"), "--model", str(official_tiny),
+                 "--base", "none", "--processing-res", str(RES), "--seed", "3", "--dtype", "fp32", *options]) == 0
+    from_cli = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / "frame.png")).astype(np.int32))
+
+    def grey_levels(rgba: torch.Tensor) -> torch.Tensor:
+        return (rgba[0] * 255).round().to(torch.int32)
+
+    one_node, _ = run("DiffDISRemoveBackground", model=model, image=frame, processing_res=RES, seed=3, tta=False,
+                      background="alpha", custom_color="#000000", refine_foreground=True, refine_edges=refine_edges)
+    assert (grey_levels(one_node) - from_cli).abs().max() <= 1
+    staged_mask, _ = segment(model, frame, seed=3, decode="mask only")
+    staged, _ = apply(frame, staged_mask, processing_res=RES, refine_edges=refine_edges)
+    close = (grey_levels(staged) - from_cli).abs().max() <= 1
+    assert close == through_apply_alpha
