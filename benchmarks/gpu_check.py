@@ -20,7 +20,6 @@ import argparse
 import copy
 import gc
 import importlib.util
-import os
 import statistics
 import sys
 import time
