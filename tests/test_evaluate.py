@@ -103,8 +103,10 @@ def test_missing_predictions_are_named(dis5k, tmp_path, capsys):
     (["--pred", "x", "--model", "y"], "not both"),
     (["--pred", "x"], "--pred needs --gt"),
     (["--model", "y"], "give --dataset"),
-    (["--model", "y", "--dataset", ".", "--resolution", "300"],
-     "--resolution must be a multiple of 256 from 256 to 4096 with TTA"),
+    (["--model", "y", "--dataset", ".", "--resolution", "300"],  # the old name, still accepted
+     "--processing-res must be a multiple of 256 from 256 to 4096 with TTA"),
+    (["--model", "y", "--dataset", ".", "--processing-res", "300"],
+     "--processing-res must be a multiple of 256 from 256 to 4096 with TTA"),
     (["--model", "y", "--dataset", ".", "--resolution", "96", "--no-tta"], "multiple of 64"),
     (["--model", "y", "--dataset", ".", "--save-edge"], "--save-edge needs --save-pred"),
 ])

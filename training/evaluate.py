@@ -36,7 +36,7 @@ from diffdis_core.devices import DTYPE_CHOICES
 from diffdis_core.errors import DiffDISError
 from diffdis_core.files import write_bytes_atomic
 from diffdis_core.image_io import IMAGE_EXTENSIONS
-from diffdis_core.spec import DEFAULT_BASE, DEFAULT_MODEL, check_processing_res
+from diffdis_core.spec import DEFAULT_BASE, DEFAULT_MODEL, DEFAULT_PROCESSING_RES, check_processing_res
 
 from .data import DIS5K_SPLITS, Sample, find_pairs, load_mask, load_rgb, split_folder
 from .metrics import DISMetrics, combine, format_table, mean_over_splits
@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "subfolder per split (with --dataset); nothing is run")
     source.add_argument("--gt", help="ground-truth folder for --pred")
     infer = parser.add_argument_group("inference (the paper's settings by default)")
-    infer.add_argument("--resolution", type=number(int), default=1024,
-                       help="processing resolution: a multiple of 64, of 256 with TTA (default 1024)")
+    infer.add_argument("--processing-res", "--resolution", dest="processing_res", type=number(int),
+                       default=DEFAULT_PROCESSING_RES, help="processing size: a multiple of 64, of 256 with TTA "
+                       f"(default {DEFAULT_PROCESSING_RES}; --resolution is the old name, still accepted)")
     infer.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                        help="the authors' flip x 3-scale test-time augmentation (default on, as in the paper)")
     infer.add_argument("--seed", type=number(int, 0), default=0,
@@ -290,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             results[name] = combine(gather_partials(partial))
         return results
 
-    check_processing_res(args.resolution, tta=args.tta, name="--resolution")
+    check_processing_res(args.processing_res, tta=args.tta, name="--processing-res")
     if args.gt:
         raise DiffDISError("--gt is only used with --pred")
     if not args.dataset:
@@ -332,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     pipe = DiffDISPipeline.from_pretrained(args.model or DEFAULT_MODEL, base=base_option(args.base), torch_dtype=dtype,
                                            device=device)
     if state.is_main_process:
-        print(f"model {args.model or DEFAULT_MODEL}: {args.resolution}², one step, TTA {'on' if args.tta else 'off'}, "
+        print(f"model {args.model or DEFAULT_MODEL}: {args.processing_res}², one step, TTA {'on' if args.tta else 'off'}, "
               f"seed {args.seed}, {str(dtype).removeprefix('torch.')}, {args.pred_bits}-bit maps, "
               f"{'soft maps' if args.soft else 'binarised maps (authors protocol)'}, "
               f"{state.num_processes} process(es) on {device}", file=sys.stderr)
@@ -340,7 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     for name, _, samples in splits:
         with torch.inference_mode():
             partial = predict_and_score(
-                pipe, samples, processing_res=args.resolution, tta=args.tta, seed=args.seed,
+                pipe, samples, processing_res=args.processing_res, tta=args.tta, seed=args.seed,
                 batch_size=args.batch_size, binarize=binarize, hce=hce,
                 save_dir=save_root / name if save_root is not None else None, save_edge=args.save_edge,
                 bits=args.pred_bits, num_workers=args.num_workers, progress=state.is_main_process, desc=name)

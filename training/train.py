@@ -44,7 +44,7 @@ if __name__ == "__main__" and not __package__:  # `python training/train.py`: ru
 from diffdis_core.commandline import OneLineErrorParser, base_option, number, run_main
 from diffdis_core.errors import DiffDISError
 from diffdis_core.files import apply_umask, make_temporary_folder, read_json, safetensors_shapes, write_bytes_atomic
-from diffdis_core.spec import DEFAULT_BASE, UNET_WEIGHTS_NAMES, check_processing_res
+from diffdis_core.spec import DEFAULT_BASE, DEFAULT_PROCESSING_RES, UNET_WEIGHTS_NAMES, check_processing_res
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_NAME = re.compile(r"^checkpoint-\d+\.damaged\d*$")
@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edge-cache", help="where edge maps are cached (default OUTPUT/edge_cache); never the dataset "
                                         "unless you point this there")
     g = p.add_argument_group("recipe")
-    g.add_argument("--resolution", type=number(int), default=1024,
-                   help="training size, a multiple of 64 (the SWCI scales must line up; default 1024)")
+    g.add_argument("--resolution", type=number(int), default=DEFAULT_PROCESSING_RES,
+                   help=f"training crop size, a multiple of 64 (the SWCI scales must line up; default "
+                        f"{DEFAULT_PROCESSING_RES}, the processing size the model then runs at)")
     g.add_argument("--batch-size", type=at_least_1, default=4,
                    help="images per process and step (default 4; even for CutMix)")
     g.add_argument("--gradient-accumulation-steps", type=at_least_1, default=1, help="micro-batches per optimizer step")
