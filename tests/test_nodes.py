@@ -1442,7 +1442,7 @@ def test_one_cutout_through_the_cli_apply_alpha_and_remove_background(model, off
     def grey_levels(rgba: torch.Tensor) -> torch.Tensor:
         return (rgba[0] * 255).round().to(torch.int32)
 
-    one_node, _ = run("DiffDISRemoveBackground", model=model, image=frame, processing_res=RES, seed=3, tta=False,
+    one_node, _, _ = run("DiffDISRemoveBackground", model=model, image=frame, processing_res=RES, seed=3, tta=False,
                       background="alpha", custom_color="#000000", refine_foreground=True, refine_edges=refine_edges)
     assert (grey_levels(one_node) - from_cli).abs().max() <= 1
     staged_mask, _ = segment(model, frame, seed=3, decode="mask only")
