@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffDISError
-from .image_io import DEFAULT_MAX_MEGAPIXELS, IMAGE_EXTENSIONS
+from .image_io import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_PATH_BYTES_PER_PIXEL, IMAGE_EXTENSIONS,
+                       available_memory, default_max_pixels)
 from .spec import DEFAULT_BASE, DEFAULT_MODEL, DEFAULT_PROCESSING_RES
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -75,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo and replace results that already exist")
     parser.add_argument("--recursive", action="store_true",
                         help="also search subfolders of folder inputs; the results mirror the folder tree")
-    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
-                        help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS}; 0: no limit); an image "
-                             "takes 4 to 7 bytes a pixel besides the model, 55 to 75 with the default refinements "
-                             "(25 with --no-refine-foreground)")
+    parser.add_argument("--max-megapixels", type=float, default=None,
+                        help="refuse larger images (0: no limit). Default: what the memory available once the "
+                             f"model is loaded holds at {DEFAULT_PATH_BYTES_PER_PIXEL} bytes a pixel, the peak of "
+                             "the default refinements (fewer with --no-refine-foreground or --no-refine-edges); "
+                             f"{DEFAULT_MAX_MEGAPIXELS} where that memory cannot be read")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and VAE: the first image of each size compiles (minutes), "
                              "later ones run faster; for long batches on a GPU (needs Triton there)")
@@ -333,7 +335,10 @@ class Worker:
 
     def __init__(self, pipe: Any, args: argparse.Namespace, settings: dict[str, Any]):
         self.pipe, self.args, self.settings = pipe, args, settings
-        self.max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
+        if args.max_megapixels is None:  # measured here, with the model loaded
+            self.max_pixels = default_max_pixels(available_memory())
+        else:
+            self.max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
 
     def __call__(self, task: Task) -> None:
         for target in task.targets.values():
@@ -412,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
     check_processing_res(args.processing_res, tta=args.tta, name="--processing-res")
     if args.ensemble_size < 1:
         raise DiffDISError(f"--ensemble-size must be at least 1, got {args.ensemble_size}")
-    if args.max_megapixels < 0:
+    if args.max_megapixels is not None and args.max_megapixels < 0:
         raise DiffDISError(f"--max-megapixels must be 0 (no limit) or more, got {args.max_megapixels:g}")
     output = Path(os.path.expanduser(args.output))
     prepare_output(output)
