@@ -25,7 +25,8 @@ from typing import Any
 
 from .commandline import EXIT_OK, EXIT_SOME_FAILED, OneLineErrorParser, base_option, number, run_main
 from .errors import DiffDISError
-from .image_io import DEFAULT_MAX_MEGAPIXELS, IMAGE_EXTENSIONS
+from .image_io import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_PATH_BYTES_PER_PIXEL, IMAGE_EXTENSIONS,
+                       available_memory, default_max_pixels)
 from .spec import DEFAULT_BASE, DEFAULT_MODEL, DEFAULT_PROCESSING_RES
 
 SUFFIXES = {"cutout": "", "mask": "_mask", "edge": "_edge"}
@@ -82,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(never an input)")
     parser.add_argument("--recursive", action="store_true",
                         help="also search subfolders of folder inputs; the results mirror the folder tree")
-    parser.add_argument("--max-megapixels", type=number(float, 0), default=DEFAULT_MAX_MEGAPIXELS,
-                        help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS}; 0: no limit); an image "
-                             "takes 4 to 7 bytes a pixel besides the model, 55 to 75 with the default refinements "
-                             "(25 with --no-refine-foreground)")
+    parser.add_argument("--max-megapixels", type=number(float, 0), default=None,
+                        help="refuse larger images (0: no limit). Default: what the memory available once the "
+                             f"model is loaded holds at {DEFAULT_PATH_BYTES_PER_PIXEL} bytes a pixel, the peak of "
+                             "the default refinements (fewer with --no-refine-foreground or --no-refine-edges); "
+                             f"{DEFAULT_MAX_MEGAPIXELS} where that memory cannot be read")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and VAE: the first image of each size compiles (minutes), "
                              "later ones run faster; for long batches on a GPU (needs Triton there)")
@@ -480,7 +482,10 @@ class Worker:
 
     def __init__(self, pipe: Any, args: argparse.Namespace, settings: dict[str, Any], inputs: InputFiles):
         self.pipe, self.args, self.settings, self.inputs = pipe, args, settings, inputs
-        self.max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
+        if args.max_megapixels is None:  # measured here, with the model loaded
+            self.max_pixels = default_max_pixels(available_memory())
+        else:
+            self.max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
 
     def __call__(self, task: Task) -> None:
         for target in task.targets.values():

@@ -44,16 +44,18 @@ def cutout_rgba(image: torch.Tensor, mask: torch.Tensor, *, refine_edges: bool =
     ``[B, 1, H, W]`` before the colours, such as ``adjust_alpha``.
 
     ``as_uint8``, the memory strategy for huge images: both results as uint8, the colours being the
-    input itself when they are not estimated (no copy of a uint8 image), and a plain cutout's alpha
-    resized in bands straight to 8 bits (no full-size float map). Otherwise float results (float32 for
+    input itself when they are not estimated (no copy of a uint8 image), no full-size float copy of the
+    image (the refinements read it in bands), and a plain cutout's alpha resized in bands straight to 8
+    bits (no full-size float map). Otherwise float results (float32 for
     a uint8 image, else the image's dtype). The two agree to the 8-bit rounding. Same device as ``image``.
     """
     _check_inputs(image, mask)
     size = (int(image.shape[-2]), int(image.shape[-1]))
     predicted = tuple(predicted_at) if predicted_at is not None else tuple(mask.shape[-2:])
     edges = refine_edges and refines_edges(size, predicted)
-    # Float colours at full size (12 bytes a pixel for a uint8 image) only where a step reads them.
-    colours = _to_unit_float(image) if edges or refine_foreground or not as_uint8 else None
+    # as_uint8: no full-size float colours (12 bytes a pixel for a uint8 image); the matting steps read the
+    # image itself in bands.
+    colours = image if as_uint8 else _to_unit_float(image)
     if edges:
         alpha = refine_alpha(colours, mask, predicted_at)
     elif as_uint8 and adjust is None and not refine_foreground:

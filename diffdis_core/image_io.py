@@ -25,7 +25,11 @@ from .errors import DiffDISError
 from .files import atomic_write
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm"}
-# The default pixel budget: 108-megapixel phone photos (12000 x 9000) pass; see the README for memory use.
+# The default pixel budget follows from memory: the command line's default path (both refinements) peaks
+# at about 20 bytes a pixel besides the process and model (docs/cli.md: a 108-megapixel photo); with a
+# margin, this many. By default it admits the images that the memory available once the model is loaded holds.
+DEFAULT_PATH_BYTES_PER_PIXEL = 24
+# The budget where the available memory cannot be read: 108-megapixel phone photos (12000 x 9000) pass.
 DEFAULT_MAX_MEGAPIXELS = 128
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 # Floats per band when resizing in bands (16 MB of float32).
@@ -60,6 +64,30 @@ class LoadedImage:
         if self.deep is not None:
             return torch.from_numpy(_deep_to_unit(self.deep, self.deep_peak))[None].expand(3, -1, -1)
         return torch.from_numpy(self.rgba).permute(2, 0, 1)[:3]
+
+
+def available_memory() -> int | None:
+    """Bytes that can be allocated without swapping (Linux's MemAvailable, else the free pages), or None
+    where neither can be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_max_pixels(available: int | None) -> int:
+    """The default pixel budget: the whole megapixels that ``available`` bytes hold at the default path's
+    DEFAULT_PATH_BYTES_PER_PIXEL (at least one), or DEFAULT_MAX_MEGAPIXELS where it is unknown (None)."""
+    if available is None:
+        return DEFAULT_MAX_MEGAPIXELS * 1_000_000
+    return max(1, available // DEFAULT_PATH_BYTES_PER_PIXEL // 1_000_000) * 1_000_000
 
 
 def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:

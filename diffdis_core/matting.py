@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .errors import DiffDISError
 from .image_io import resize as _resize
+from .image_io import resize_banded
 
 _WORK_DTYPE = torch.float32  # half precision would lose the small weights and variances, on every device
 
@@ -42,13 +43,19 @@ _TILE = 64
 _TILE_ACCELERATOR = 512
 _RUN_TILES = 32
 _CHANNELWISE_PIXELS = 1 << 24  # 16.8 megapixels and more: one colour channel at a time
+# The full-size level (and refine_alpha's full-size maps) are worked on in bands of rows of about this many
+# pixels (a 12000-pixel-wide photo: 640 rows, ~0.2 GB of float maps at a time).
+_BAND_PIXELS = 1 << 23
 
 
-def _check_maps(image: torch.Tensor, alpha: torch.Tensor, caller: str, same_size: bool) -> None:
+def _check_maps(image: torch.Tensor, alpha: torch.Tensor, caller: str, same_size: bool,
+                allow_uint8: bool = False) -> None:
     for name, value, channels in (("image", image, 3), ("alpha", alpha, 1)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        eight_bit = allow_uint8 and name == "image" and isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or eight_bit):
             kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise DiffDISError(f"{caller}: {name} must be a float tensor in [0, 1], got {kind}")
+            what = "a float tensor in [0, 1] or uint8" if allow_uint8 and name == "image" else "a float tensor in [0, 1]"
+            raise DiffDISError(f"{caller}: {name} must be {what}, got {kind}")
         if value.ndim != 4 or value.shape[1] != channels or 0 in value.shape:
             raise DiffDISError(f"{caller}: {name} must be [B, {channels}, H, W], got shape {list(value.shape)}")
     if alpha.shape[0] != image.shape[0]:
@@ -66,36 +73,72 @@ def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor) -> torch.Tenso
     Solves ``image = alpha * F + (1 - alpha) * B`` for smooth F and B (Germer et al.'s multi-level method),
     so that where alpha is soft the old background's colour is taken out. Where alpha is 1 the image is
     returned unchanged; where it is 0 the colours are a smooth continuation of the nearby foreground.
-    Same device and dtype as ``image``.
+    Same device and dtype as ``image``; a uint8 image (0-255) gives uint8 colours, the float ones rounded,
+    without a full-size float copy (the full size is solved in bands of rows).
     """
-    _check_maps(image, alpha, "estimate_foreground", same_size=True)
-    image_w = image.to(_WORK_DTYPE)
-    alpha_w = alpha.to(_WORK_DTYPE).clamp(0, 1)
+    _check_maps(image, alpha, "estimate_foreground", same_size=True, allow_uint8=True)
     channels = image.shape[1]
     # The colour channels are independent systems: large images are solved one channel at a time (the same
     # result, a third of the working memory), small ones all at once (fewer, larger operations).
     group = 1 if image.shape[-2] * image.shape[-1] >= _CHANNELWISE_PIXELS else channels
-    foreground = torch.empty_like(image_w)
+    out_dtype = torch.uint8 if image.dtype == torch.uint8 else _WORK_DTYPE
+    foreground = torch.empty(image.shape, dtype=out_dtype, device=image.device)
     for first in range(0, channels, group):
-        part = image_w[:, first:first + group]
-        foreground[:, first:first + group] = torch.where(alpha_w == 1, part, _solve_levels(part, alpha_w))
+        _solve_levels(image[:, first:first + group], alpha, foreground[:, first:first + group])
     return foreground.to(image.dtype)
 
 
-def _solve_levels(image: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The foreground colours [B, C, H, W] from the coarsest level to the full size."""
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 1] (uint8 divided by 255)."""
+    return x.to(_WORK_DTYPE).div_(255) if x.dtype == torch.uint8 else x.to(_WORK_DTYPE)
+
+
+def _solve_levels(image: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> None:
+    """The foreground colours of ``image`` [B, C, H, W] (float or uint8) from the coarsest level to the full
+    size, written to ``out`` (its dtype: float or uint8, rounded) where alpha is not 1, else the image's."""
     height, width = image.shape[-2:]
+    sizes = _level_sizes(height, width)
     both = None  # the foreground and background colours of the previous level, [B, 2C, h, w]
-    for h, w in _level_sizes(height, width):
-        level_image = _resize_nearest(image, h, w)
-        level_alpha = _resize_nearest(alpha, h, w)
+    for h, w in sizes[:-1]:
+        level_image = _unit(_resize_nearest(image, h, w))
+        level_alpha = _resize_nearest(alpha, h, w).to(_WORK_DTYPE).clamp(0, 1)
         both = level_image.repeat(1, 2, 1, 1) if both is None else F.interpolate(both, size=(h, w), mode="nearest")
-        if max(h, w) <= _SMALL_SIDE:
-            sweeps = _SMALL_SWEEPS
-        else:
-            sweeps = _TOP_SWEEPS if (h, w) == (height, width) else _SWEEPS
-        _relax_level(level_image, level_alpha, both, sweeps)
-    return both[:, :image.shape[1]]
+        _relax_level(level_image, level_alpha, both, _level_sweeps(h, w, height, width))
+    # The full size (the largest cost) in bands of rows, each with a halo of whole tiles: a tile's activity
+    # looks 1 row past it and its sweeps `sweeps` rows, and every tile of a level reads the level's starting
+    # values only, so a band's own rows come out exactly as whole-level sweeps give them.
+    sweeps = _level_sweeps(height, width, height, width)
+    tile = _TILE if image.device.type == "cpu" else _TILE_ACCELERATOR
+    halo = tile * -(-(sweeps + 1) // tile)
+    rows = max(1, _BAND_PIXELS // (width * tile)) * tile
+    # Where interpolate(both, (height, width), "nearest") reads each row and column from.
+    from_rows, from_cols = (_nearest_index(n, m, image.device) for n, m in zip(both.shape[-2:], (height, width)))
+    n = image.shape[1]
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        start, stop = max(0, top - halo), min(height, bottom + halo)
+        band_image = _unit(image[..., start:stop, :])
+        band_alpha = alpha[..., start:stop, :].to(_WORK_DTYPE).clamp(0, 1)
+        band_both = both.index_select(2, from_rows[start:stop]).index_select(3, from_cols)
+        _relax_level(band_image, band_alpha, band_both, sweeps)
+        own = slice(top - start, bottom - start)
+        colours = torch.where(band_alpha[..., own, :] == 1, band_image[..., own, :], band_both[:, :n, own])
+        if out.dtype == torch.uint8:
+            colours = colours.clamp_(0, 1).mul_(255).round_()
+        out[..., top:bottom, :] = colours
+
+
+def _level_sweeps(h: int, w: int, height: int, width: int) -> int:
+    if max(h, w) <= _SMALL_SIDE:
+        return _SMALL_SWEEPS
+    return _TOP_SWEEPS if (h, w) == (height, width) else _SWEEPS
+
+
+def _nearest_index(size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """The source index of each of ``out_size`` positions when interpolate(mode="nearest") resizes ``size``
+    (asked of interpolate itself, so that bands of the result are exactly its own)."""
+    index = torch.arange(size, dtype=torch.float32, device=device).view(1, 1, size, 1)  # exact below 2^24
+    return F.interpolate(index, size=(out_size, 1), mode="nearest").view(-1).long()
 
 
 def _level_sizes(height: int, width: int) -> list[tuple[int, int]]:
@@ -279,7 +322,8 @@ def refine_alpha(image: torch.Tensor, alpha: torch.Tensor, predicted_at: tuple[i
     (a ComfyUI MASK at the image's size): it is first shrunk back to that size. Same device and dtype as
     ``image``.
     """
-    _check_maps(image, alpha, "refine_alpha", same_size=False)
+    _check_maps(image, alpha, "refine_alpha", same_size=False, allow_uint8=True)
+    out_dtype = _WORK_DTYPE if image.dtype == torch.uint8 else image.dtype
     size = tuple(image.shape[-2:])
     alpha_w = alpha.to(_WORK_DTYPE).clamp(0, 1)
     if predicted_at is not None:
@@ -288,7 +332,9 @@ def refine_alpha(image: torch.Tensor, alpha: torch.Tensor, predicted_at: tuple[i
         alpha_w = _resize(alpha_w, (int(predicted_at[0]), int(predicted_at[1])))
     small = tuple(alpha_w.shape[-2:])
     if not refines_edges(size, small):
-        return _resize(alpha_w, size).to(image.dtype)
+        return _resize(alpha_w, size).to(out_dtype)
+    if image.device.type == "cpu" and (image.dtype == torch.uint8 or size[0] * size[1] >= _BAND_PIXELS):
+        return _refine_alpha_banded(image, alpha_w).to(out_dtype)
     image_w = image.to(_WORK_DTYPE)
     scale, offset, trust = _guided_coefficients(_resize(image_w, small), alpha_w, _GUIDE_RADIUS, _GUIDE_EPS)
     # trust * (A . I + b) + (1 - trust) * mask, with A and b already multiplied by trust
@@ -296,6 +342,33 @@ def refine_alpha(image: torch.Tensor, alpha: torch.Tensor, predicted_at: tuple[i
     for channel in range(3):  # one full-size channel of A at a time
         refined.addcmul_(_resize(scale[:, channel:channel + 1], size), image_w[:, channel:channel + 1])
     return refined.clamp_(0, 1).to(image.dtype)
+
+
+def _refine_alpha_banded(image: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """refine_alpha's fit and its full-size application, reading the full-size image (float or uint8) and
+    writing the float32 result in bands (``image_io.resize_banded``: the 2-D resizes up to float rounding),
+    so no full-size float map but the result exists."""
+    size, small = tuple(image.shape[-2:]), tuple(alpha.shape[-2:])
+    refined = torch.empty(image.shape[0], 1, *size, dtype=_WORK_DTYPE)
+    for n in range(image.shape[0]):
+        small_image = torch.empty(3, *small, dtype=_WORK_DTYPE)
+
+        def shrunk(ys: slice, xs: slice, values: torch.Tensor) -> None:
+            small_image[:, ys, xs] = values
+
+        resize_banded(lambda ys, xs: _unit(image[n, :, ys, xs]), size, small, shrunk, channels=3)
+        scale, offset, trust = _guided_coefficients(small_image[None], alpha[n:n + 1], _GUIDE_RADIUS, _GUIDE_EPS)
+        # trust * (A . I + b) + (1 - trust) * mask, with A and b already multiplied by trust
+        maps = torch.cat([offset, 1 - trust, alpha[n:n + 1], scale], 1)[0]
+
+        def applied(ys: slice, xs: slice, values: torch.Tensor) -> None:
+            band = values[0].addcmul_(values[1], values[2])
+            for channel, colour in enumerate(_unit(image[n, :, ys, xs])):
+                band.addcmul_(values[3 + channel], colour)
+            refined[n, 0, ys, xs] = band.clamp_(0, 1)
+
+        resize_banded(lambda ys, xs: maps[:, ys, xs], small, size, applied, channels=6)
+    return refined
 
 
 def _guided_coefficients(guide: torch.Tensor, target: torch.Tensor, radius: int, eps: float

@@ -6,7 +6,7 @@ from tolerances import assert_close_across_kernels
 import torch.nn.functional as F
 
 from benchmarks.synthetic_composites import alpha_errors, edge_band, foreground_error, make_composite
-from diffdis_core import DiffDISError, cutout_rgba, estimate_foreground, matting, refine_alpha
+from diffdis_core import DiffDISError, cutout_rgba, estimate_foreground, image_io, matting, refine_alpha
 
 ACCELERATORS = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
@@ -97,10 +97,44 @@ def test_foreground_of_large_images_is_solved_channel_by_channel_with_the_same_r
     together = estimate_foreground(image, alpha)
     calls = []
     solve = matting._solve_levels
-    monkeypatch.setattr(matting, "_solve_levels", lambda part, a: calls.append(part.shape[1]) or solve(part, a))
+    monkeypatch.setattr(matting, "_solve_levels", lambda part, a, out: calls.append(part.shape[1]) or solve(part, a, out))
     monkeypatch.setattr(matting, "_CHANNELWISE_PIXELS", image.shape[-2] * image.shape[-1])
     assert_close_across_kernels(estimate_foreground(image, alpha), together)
     assert calls == [1, 1, 1]
+
+
+def test_foreground_in_bands_is_the_whole_image_result(composite, monkeypatch):
+    """The full size is relaxed in bands of rows with a halo: exactly the colours of one band (whole-image
+    sweeps), for float and (rounded) uint8 images, with bands that cut through soft edges and tiles."""
+    image, alpha = composite["image"], composite["alpha"]
+    monkeypatch.setattr(matting, "_TILE", 16)
+    whole = estimate_foreground(image, alpha)
+    eight_bit = (image * 255).round().to(torch.uint8)
+    whole8 = estimate_foreground(eight_bit.float() / 255, alpha)
+    bands = []
+    relax = matting._relax_level
+    monkeypatch.setattr(matting, "_relax_level", lambda i, a, b, s: bands.append(i.shape[-2]) or relax(i, a, b, s))
+    monkeypatch.setattr(matting, "_BAND_PIXELS", 16 * image.shape[-1])  # 16-row bands (+ a 16-row halo)
+    banded = estimate_foreground(image, alpha)
+    assert bands[-8:] == [32] + [48] * 5 + [40, 24]  # the full size of 120 rows: 8 bands, halos clipped at the ends
+    torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
+    banded8 = estimate_foreground(eight_bit, alpha)
+    assert banded8.dtype == torch.uint8
+    assert ((whole8 * 255).round() - banded8.float()).abs().max() == 0
+
+
+def test_refine_alpha_in_bands_is_the_whole_image_result(composite, monkeypatch):
+    """Large (or uint8) images are refined in bands: the whole-image mask up to float rounding."""
+    image, alpha = composite["image"], composite["alpha"]
+    small = shrink(alpha, (60, 80))
+    whole = refine_alpha(image, small)
+    monkeypatch.setattr(matting, "_BAND_PIXELS", 1)
+    monkeypatch.setattr(image_io, "BAND_ELEMENTS", 6 * 200)  # bands of a few rows or columns
+    torch.testing.assert_close(refine_alpha(image, small), whole, atol=1e-5, rtol=0)
+    eight_bit = (image * 255).round().to(torch.uint8)
+    refined8 = refine_alpha(eight_bit, small)
+    assert refined8.dtype == torch.float32
+    torch.testing.assert_close(refined8, refine_alpha(eight_bit.float() / 255, small), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("palette", ["contrasting", "similar"])
