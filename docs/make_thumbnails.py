@@ -44,12 +44,21 @@ def font(size: int) -> ImageFont.ImageFont:
 
 
 def display_names() -> dict[str, str]:
-    """The pack's node display names, from the pack itself (imported as ComfyUI imports it; cheap)."""
+    """The pack's node display names, from its V3 schemas (the pack imported as ComfyUI imports it; cheap).
+    Without ComfyUI, the tests' stand-in for its node API serves the declarations."""
+    try:
+        import comfy_api.latest  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import comfy_api_standin
+
+        comfy_api_standin.install()
     spec = importlib.util.spec_from_file_location("diffdis_pack_for_thumbnails", ROOT / "__init__.py")
     pack = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = pack
     spec.loader.exec_module(pack)
-    return pack.NODE_DISPLAY_NAME_MAPPINGS
+    schemas = [node.define_schema() for node in sys.modules[f"{spec.name}.nodes"].NODES]
+    return {schema.node_id: schema.display_name for schema in schemas}
 
 
 def node_label(node: dict, names: dict[str, str]) -> str:

@@ -61,8 +61,8 @@ def test_the_pack_ships_one_blueprint_named_after_its_subgraph():
     assert blueprint["links"] == [] and blueprint["version"] == 0.4
     # What frontend 1.43's node library shows and searches (without them: "User generated subgraph blueprint").
     assert blueprint["extra"]["BlueprintDescription"] == definition["description"]
-    services = workflows.sys.modules[workflows.PACK.__name__ + ".nodes.services"]
-    assert set(services.SEARCH_ALIASES) <= set(blueprint["extra"]["BlueprintSearchAliases"])
+    schema = workflows.sys.modules[workflows.PACK.__name__ + ".nodes.schema"]
+    assert set(schema.SEARCH_ALIASES) <= set(blueprint["extra"]["BlueprintSearchAliases"])
 
 
 def test_blueprint_takes_an_image_and_gives_the_cutout_and_its_mask():
