@@ -575,7 +575,9 @@ def run(args: argparse.Namespace) -> int:
 
     Image.MAX_IMAGE_PIXELS = None  # the pixel budget is --max-megapixels, checked from each header
 
-    state = _process_state(args)
+    from .distributed import process_device
+
+    state, device = process_device(args.device)  # the command lines' one device choice
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     is_main = rank == 0
     say = _printer(is_main)
@@ -607,7 +609,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = None
     if any(_gather(state, [bool(todo)])):
-        pipe = _load_on_each(state, args, any(task.kinds for task in todo))
+        pipe = _load_on_each(state, device, args, any(task.kinds for task in todo))
         worker = Worker(pipe, args, settings, InputFiles(inputs.jobs))
         started = time.perf_counter()
         for task in _progress(todo, is_main, world):
@@ -640,18 +642,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def _process_state(args: argparse.Namespace) -> Any:
-    """accelerate's process state under a multi-process launch, else None (one process, no accelerate)."""
-    from .distributed import launched_world_size, process_state
-
-    if launched_world_size() <= 1:
-        return None
-    if args.device not in ("auto", "cpu"):
-        raise DiffDISError(f"--device {args.device}: under accelerate launch each process takes its own device; "
-                           "use --device auto (or cpu)")
-    return process_state(cpu=args.device == "cpu")
-
-
 def _gather(state: Any, items: list) -> list:
     if state is None:
         return items
@@ -660,11 +650,10 @@ def _gather(state: Any, items: list) -> list:
     return gather_object(items)
 
 
-def _load_on_each(state: Any, args: argparse.Namespace, needed: bool) -> Any:
+def _load_on_each(state: Any, device: Any, args: argparse.Namespace, needed: bool) -> Any:
     """The pipeline on this process's device; under a launch the main process loads (downloads) first."""
-    from .devices import keep_freed_memory, pick_device
+    from .devices import keep_freed_memory
 
-    device = pick_device(args.device) if state is None else state.device
     if device.type == "cpu" and not args.low_memory:
         keep_freed_memory()  # this process ends with the batch: trade memory return for ~20% speed
     if state is None:
