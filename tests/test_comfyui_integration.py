@@ -478,7 +478,9 @@ def test_the_blueprint_matches_comfyuis_node_definitions_and_runs(comfyui):
         assert len(node["widgets_values"]) == len(real_widget_names(node["type"])), node["type"]
     prompt, outputs = packaging.blueprint_to_api(definition, image_node="100", widget_names=real_widget_names)
     loader = next(node for node in prompt.values() if node["class_type"] == "DiffDISLoader")
-    assert loader["inputs"]["model"] in info["DiffDISLoader"]["input"]["required"]["model"][0]
+    model_input = info["DiffDISLoader"]["input"]["required"]["model"]  # [choices, ...] or V3's ["COMBO", {options}]
+    choices = model_input[0] if isinstance(model_input[0], list) else model_input[1]["options"]
+    assert loader["inputs"]["model"] in choices
     loader["inputs"]["model"] = "tiny"
     for node in prompt.values():
         if "processing_res" in node["inputs"]:
