@@ -120,6 +120,21 @@ def overlapping(a: list[float], b: list[float]) -> bool:
 
 
 @pytest.mark.parametrize("name", ["cutout", "remove_background", "generate_and_cutout"])
+
+def press_run(page, comfyui, before: set) -> tuple[dict, float]:
+    """Press the frontend's Run button and wait for the prompt it queues (one not in ``before``, the
+    history's ids before the press): its history entry, and when the button was pressed."""
+    page.locator(".p-blockui-mask").wait_for(state="detached", timeout=20_000)  # a loading overlay, if any
+    started = time.monotonic()
+    page.get_by_role("button", name=re.compile(r"^Run\b")).first.click()
+    while time.monotonic() - started < RUN_TIMEOUT_S:
+        new = set(comfyui.get("/history")) - before
+        if new:
+            (prompt_id,) = new
+            return comfyui.wait(prompt_id), started
+        time.sleep(0.2)
+    raise AssertionError("the Run button queued nothing\n" + "\n".join(page.messages[-20:]))
+
 def test_dropped_workflow_loads_whole_and_readable(page, name):
     nodes = drop(page, name)
     screenshot(page, name)
@@ -231,18 +246,7 @@ def test_cutout_runs_from_the_run_button(page, comfyui):  # noqa: F811
     }""")
     before = set(comfyui.get("/history"))
     screenshot(page, "cutout_before_run")
-    page.locator(".p-blockui-mask").wait_for(state="detached", timeout=20_000)  # a loading overlay, if any
-    started = time.monotonic()
-    page.get_by_role("button", name=re.compile(r"^Run\b")).first.click()
-    entry = None
-    while time.monotonic() - started < RUN_TIMEOUT_S:
-        new = set(comfyui.get("/history")) - before
-        if new:
-            (prompt_id,) = new
-            entry = comfyui.wait(prompt_id)
-            break
-        time.sleep(0.2)
-    assert entry is not None, "the Run button queued nothing\n" + "\n".join(page.messages[-20:])
+    entry, started = press_run(page, comfyui, before)
     print(f"\ncutout.json from the Run button: done in {time.monotonic() - started:.1f} s")
     page.wait_for_timeout(1000)
     screenshot(page, "cutout_after_run")
@@ -324,18 +328,7 @@ def test_the_blueprint_is_placed_from_the_node_library_and_runs(page, comfyui): 
         window.app.canvas.setDirty(true, true);
     }""", placed["id"])
     before_run = set(comfyui.get("/history"))
-    page.locator(".p-blockui-mask").wait_for(state="detached", timeout=20_000)
-    started = time.monotonic()
-    page.get_by_role("button", name=re.compile(r"^Run\b")).first.click()
-    entry = None
-    while time.monotonic() - started < RUN_TIMEOUT_S:
-        new = set(comfyui.get("/history")) - before_run
-        if new:
-            (prompt_id,) = new
-            entry = comfyui.wait(prompt_id)
-            break
-        time.sleep(0.2)
-    assert entry is not None, "the Run button queued nothing\n" + "\n".join(page.messages[-20:])
+    entry, started = press_run(page, comfyui, before_run)
     screenshot(page, "blueprint_after_run")
     prompt = entry["prompt"][2]
     loader = next(node for node in prompt.values() if node["class_type"] == "DiffDISLoader")
