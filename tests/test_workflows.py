@@ -7,6 +7,7 @@ tiny fixture model.
 """
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import json
 import shutil
@@ -63,8 +64,13 @@ def import_pack(name: str):
 
 def node_classes(pack) -> dict:
     """node id -> class, as ComfyUI registers a V3 pack: the node list of comfy_entrypoint's extension."""
-    extension = asyncio.run(pack.comfy_entrypoint())
-    return {cls.define_schema().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+    async def node_list():
+        return await (await pack.comfy_entrypoint()).get_node_list()
+
+    # In a thread of its own: the browser test imports this module inside playwright's running event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        nodes = thread.submit(asyncio.run, node_list()).result()
+    return {cls.define_schema().node_id: cls for cls in nodes}
 
 
 PACK = import_pack("/home/user/ComfyUI/custom_nodes/ComfyUI-DiffDIS")
