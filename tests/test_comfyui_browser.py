@@ -119,8 +119,6 @@ def overlapping(a: list[float], b: list[float]) -> bool:
     return min(ax + aw, bx + bw) > max(ax, bx) and min(ay + ah, by + bh) > max(ay, by)
 
 
-@pytest.mark.parametrize("name", ["cutout", "remove_background", "generate_and_cutout"])
-
 def press_run(page, comfyui, before: set) -> tuple[dict, float]:
     """Press the frontend's Run button and wait for the prompt it queues (one not in ``before``, the
     history's ids before the press): its history entry, and when the button was pressed."""
@@ -135,6 +133,8 @@ def press_run(page, comfyui, before: set) -> tuple[dict, float]:
         time.sleep(0.2)
     raise AssertionError("the Run button queued nothing\n" + "\n".join(page.messages[-20:]))
 
+
+@pytest.mark.parametrize("name", ["cutout", "remove_background", "generate_and_cutout"])
 def test_dropped_workflow_loads_whole_and_readable(page, name):
     nodes = drop(page, name)
     screenshot(page, name)
