@@ -240,11 +240,11 @@ def stage_worker(config: dict) -> None:
     if config.get("count_flops", True):
         value = None
         for _, stage in stages:  # counted in a pass of their own: counting slows the operations down
-            with FlopCounterMode(display=False) as counter:
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
                 value = stage(value)
             flops.append(counter.get_total_flops())
         del value
-    # As __call__: freed memory is reused across the stages.
+    # As __call__: each stage reuses its freed memory and returns it when it ends.
     with torch.inference_mode(), reuse_freed_memory(device):
         value = None
         for index, (name, stage) in enumerate(stages):

@@ -91,9 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and VAE: the first image of each size compiles (minutes), "
                              "later ones run faster; for long batches on a GPU (needs Triton there)")
-    parser.add_argument("--low-memory", action="store_true",
-                        help="on CPU, return freed memory to the system at once: about 20%% slower, "
-                             "a quarter to half less peak memory")
+    # Kept for old scripts, without effect: every run now returns freed memory at each stage's end.
+    parser.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -652,10 +651,6 @@ def _gather(state: Any, items: list) -> list:
 
 def _load_on_each(state: Any, device: Any, args: argparse.Namespace, needed: bool) -> Any:
     """The pipeline on this process's device; under a launch the main process loads (downloads) first."""
-    from .devices import keep_freed_memory
-
-    if device.type == "cpu" and not args.low_memory:
-        keep_freed_memory()  # this process ends with the batch: trade memory return for ~20% speed
     if state is None:
         return load_pipeline(args, device) if needed else None
     pipe = load_pipeline(args, device) if needed and state.is_main_process else None

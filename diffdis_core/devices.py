@@ -45,6 +45,16 @@ def check_compiler(device: str | torch.device, turn_off: str = "turn compile off
                            f"install one or {turn_off}")
 
 
+def channels_last_on(device: str | torch.device) -> bool:
+    """Whether convolutions run channels-last on ``device``: faster on CPU (oneDNN) and CUDA (tensor cores)
+    with the same results; MPS support for them is patchy. One rule for the loaders and every front end."""
+    return torch.device(device).type in ("cpu", "cuda")
+
+
+def memory_format_on(device: str | torch.device) -> torch.memory_format:
+    return torch.channels_last if channels_last_on(device) else torch.contiguous_format
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA, then XPU, then Apple MPS, then CPU; otherwise the named device, checked."""
     if name == "auto":
@@ -127,11 +137,14 @@ def vae_under_autocast(mixed_precision: str, vae_config) -> bool:
     return dtype is not None and vae_dtype(dtype, vae_force_upcast(vae_config)) == dtype
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+# Within a stage, blocks under 32 MiB (glibc's largest mmap threshold) are kept and reused: a VAE band's
+# working copies, the UNet's activations, a feed-forward chunk. Larger ones (the VAE's full-size
+# activations) are mapped when asked for and returned when freed, so fragments of them never pile up.
+_REUSE = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 2**31 - 1}
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024}
 _allocator_lock = threading.Lock()
 _allocator_users = 0
-_kept_for_good = False
 
 
 def _glibc():
@@ -143,46 +156,31 @@ def _glibc():
         return None
 
 
-def _keep(libc) -> bool:
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS, for good
-    (process-wide; glibc Linux only; returns whether it applied).
-
-    A CPU inference allocates hundreds of fresh 50-500 MB activations; by default each comes from a
-    new mmap, whose every page faults and is zeroed by the kernel on first touch: 15-20% of the run.
-    Kept for good, the process holds its peak memory until it exits: for short-lived processes (the
-    command line). Servers use ``reuse_freed_memory`` around each inference instead.
-    """
-    global _kept_for_good
-    libc = _glibc()
-    with _allocator_lock:
-        _kept_for_good = libc is not None and _keep(libc)
-    return _kept_for_good
-
-
 @contextlib.contextmanager
 def reuse_freed_memory(device: torch.device | str = "cpu"):
-    """Within the block, freed CPU memory is reused rather than returned to the OS (see
-    ``keep_freed_memory``); after it, glibc's defaults come back and the free memory is returned
-    (``malloc_trim``). A no-op off the CPU, off glibc, or where memory is kept for good already."""
+    """A pipeline stage's CPU memory policy (glibc Linux; a no-op elsewhere and off the CPU): within the
+    block freed blocks under 32 MiB are reused rather than handed back (fewer page faults and zeroed
+    pages), and when the block ends, every free page goes back to the OS (``malloc_trim``), so the next
+    stage starts from the memory actually in use: the peak of a 1024² image is the largest stage's, not
+    the sum of what each left behind (3.32 GiB with the weights, where keeping all freed memory for the
+    whole run reached 4.00 GiB, at the same speed within 1%; measured on the 2-core EPYC). Nested blocks
+    share the settings; each one's end returns the free pages."""
     global _allocator_users
     libc = _glibc() if torch.device(device).type == "cpu" else None
+    if libc is None:
+        yield
+        return
     with _allocator_lock:
-        active = libc is not None and not _kept_for_good
-        if active:
-            if _allocator_users == 0:
-                _keep(libc)
-            _allocator_users += 1
+        if _allocator_users == 0:
+            for option, value in _REUSE.items():
+                libc.mallopt(option, value)
+        _allocator_users += 1
     try:
         yield
     finally:
-        if active:
-            with _allocator_lock:
-                _allocator_users -= 1
-                if _allocator_users == 0 and not _kept_for_good:
-                    for option, value in _GLIBC_DEFAULTS.items():
-                        libc.mallopt(option, value)
-                    libc.malloc_trim(0)
+        with _allocator_lock:
+            _allocator_users -= 1
+            if _allocator_users == 0:
+                for option, value in _GLIBC_DEFAULTS.items():
+                    libc.mallopt(option, value)
+            libc.malloc_trim(0)

@@ -32,7 +32,7 @@ from .configs import (
 )
 from .devices import vae_dtype, vae_force_upcast
 from .errors import DiffDISError
-from .files import damaged_file_remedy, find_weights, read_errors_named, read_json, safetensors_shapes
+from .files import damaged_file_remedy, find_weights, read_errors_named, read_json, read_safetensors, safetensors_shapes
 from .hub import LAYOUT_HELP, download, is_repo_id, local_path, option, resolve_unet_files
 from .spec import (
     BUILT_IN_FILES,
@@ -122,16 +122,16 @@ def _current_name(key: str) -> str:
     return key
 
 
-def load_vae(folder: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+def load_vae(folder: str | os.PathLike, torch_dtype: torch.dtype = torch.float32,
+             memory_format: torch.memory_format | None = None) -> AutoencoderKL:
     """The VAE in ``folder`` (config.json + diffusion_pytorch_model.safetensors), on the CPU.
 
     Checked before any tensor is allocated: the config within bounds (configs.VAE_CONFIG_RULES), the
     architecture built on the meta device, every shape it needs in the weights' header. Loaded one
     tensor at a time straight into its dtype: ``torch_dtype``, or float32 under float16 where the config
-    asks (``devices.vae_force_upcast``: the SD VAE overflows in float16).
+    asks (``devices.vae_force_upcast``: the SD VAE overflows in float16); 4-D tensors in ``memory_format``.
     """
     from diffusers import AutoencoderKL
-    from safetensors import safe_open
 
     folder = Path(folder)
     with read_errors_named(folder):
@@ -147,13 +147,10 @@ def load_vae(folder: str | os.PathLike, torch_dtype: torch.dtype = torch.float32
         expected = vae.state_dict()
         check_weights(weights, {k: tuple(v.shape) for k, v in expected.items()}, "VAE")
         dtype = vae_dtype(torch_dtype, vae_force_upcast(vae.config))
-        state = {}
-        with safe_open(os.fspath(weights), framework="pt") as tensors:
-            for key in tensors.keys():  # noqa: SIM118 (safe_open is not a dict)
-                name = _current_name(key)
-                if name in expected:  # tensors the architecture does not use are left unread
-                    tensor = tensors.get_tensor(key)
-                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        # Tensors the architecture does not use are left unread.
+        state = read_safetensors(weights, dtype, memory_format=memory_format,
+                                 include=lambda key: _current_name(key) in expected)
+        state = {_current_name(key): tensor for key, tensor in state.items()}
     vae.load_state_dict(state, strict=True, assign=True)
     return vae.eval()
 

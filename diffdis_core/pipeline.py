@@ -24,7 +24,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .configs import LATENT_SCALE_FACTOR
-from .devices import check_compiler, pick_dtype, reuse_freed_memory, vae_dtype, vae_force_upcast
+from .devices import (
+    channels_last_on,
+    check_compiler,
+    memory_format_on,
+    pick_dtype,
+    reuse_freed_memory,
+    vae_dtype,
+    vae_force_upcast,
+)
 from .ensemble import ENSEMBLE_METHODS, ensemble_maps
 from .errors import DiffDISError
 from .cutout import cutout_rgba
@@ -34,8 +42,8 @@ from .loading import ModelSources, load_scheduler, load_vae
 from .spec import (DEFAULT_BASE, DEFAULT_MODEL, DEFAULT_PROCESSING_RES, EMPTY_EMBED_FILE, TTA_VIEWS,
                    check_processing_res)
 from .text import check_embedding_width, save_empty_embedding
-from .unet import DiffDISUNet, read_unet_state_dict
-from .vae_memory import lean_vae_resnets
+from .unet import DiffDISUNet, chunk_feed_forwards, read_unet_state_dict
+from .vae_memory import lean_vae
 
 ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray | torch.Tensor
 NoiseInput = torch.Tensor | Sequence[torch.Tensor]
@@ -155,8 +163,8 @@ def bde_labels(batch: int, device: torch.device, dtype: torch.dtype) -> torch.Te
 
 
 def _reusing_freed_memory(method):
-    """Run a stage with freed CPU memory reused (no page faults for each fresh activation: 10-20% on
-    CPU), handed back to the OS when it ends."""
+    """Run a stage under ``devices.reuse_freed_memory``: freed CPU memory reused within it, handed back
+    to the OS when it ends."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -206,14 +214,15 @@ class DiffDISPipeline(DiffusionPipeline):
         if empty_text_embed is None or empty_text_embed.ndim != 3:
             raise DiffDISError("DiffDISPipeline needs the empty-prompt embedding, a [1, tokens, dim] tensor")
         self.register_modules(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler)
-        lean_vae_resnets(self.vae)
+        lean_vae(self.vae)
+        chunk_feed_forwards(self.unet)
         self.empty_text_embed = empty_text_embed.float()
         # One step per image: a progress bar only where someone watches (a terminal), and not left behind.
         self.set_progress_bar_config(disable=None, leave=False)
         # Tiles as large as the 1024² the model was trained at: only larger sizes are decoded in tiles.
         self.vae.tile_sample_min_size = VAE_TILE_SIZE
         self.vae.tile_latent_min_size = VAE_TILE_SIZE // 8
-        self.set_channels_last(self.unet.device.type in ("cpu", "cuda"))
+        self.set_channels_last(channels_last_on(self.unet.device))
 
     # ------------------------------------------------------------------ placement
     @property
@@ -253,13 +262,13 @@ class DiffDISPipeline(DiffusionPipeline):
         torch.nn.Module.to(self.vae, device=device,
                            dtype=vae_dtype(dtype, vae_force_upcast(self.vae.config)))
         if device is not None:
-            self.set_channels_last(torch.device(device).type in ("cpu", "cuda"))
+            self.set_channels_last(channels_last_on(device))
         return self
 
     def set_channels_last(self, enabled: bool) -> None:
-        """Channels-last convolutions: faster on CPU (oneDNN) and CUDA (tensor cores) with the same
-        results; MPS support for them is patchy. ``to()`` chooses for the device; front ends that move
-        the modules themselves (ComfyUI) call this for their load device."""
+        """Channels-last convolutions or not (``devices.channels_last_on`` says which for a device).
+        ``to()`` and the loaders choose for the device; front ends that move the modules themselves
+        (ComfyUI) call this for their load device."""
         memory_format = torch.channels_last if enabled else torch.contiguous_format
         torch.nn.Module.to(self.unet, memory_format=memory_format)
         torch.nn.Module.to(self.vae, memory_format=memory_format)
@@ -526,11 +535,11 @@ class DiffDISPipeline(DiffusionPipeline):
         if compile:
             check_compiler(target)
         sources = ModelSources.resolve(model, base, local_dir=local_dir, **hub_kwargs)
-        unet_state, repack_embed = read_unet_state_dict(sources.unet_weights, dtype)
+        unet_state, repack_embed = read_unet_state_dict(sources.unet_weights, dtype, memory_format_on(target))
         unet = DiffDISUNet.from_state_dict(unet_state, sources.unet_config(), dtype, device,
                                            source=str(sources.unet_weights))
         del unet_state
-        vae = load_vae(sources.component("vae"), dtype)
+        vae = load_vae(sources.component("vae"), dtype, memory_format_on(target))
         scheduler = load_scheduler(sources.component("scheduler", required=False))
         if repack_embed is not None:  # a single-file repack's own embedding: it must fit this UNet too
             embed = check_embedding_width(repack_embed, unet.config.cross_attention_dim, sources.unet_weights)

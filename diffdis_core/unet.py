@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
@@ -83,6 +83,36 @@ class DBIATransformerBlock(BasicTransformerBlock):
         hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states=encoder_hidden_states,
                                    attention_mask=encoder_attention_mask, **kwargs) + hidden_states
         return self.ff(self.norm3(hidden_states)) + hidden_states
+
+
+class ChunkedFeedForward(FeedForward):
+    """A transformer block's feed-forward run on ``chunk_tokens`` tokens at a time in inference: it works per
+    token, so the values are the same, and its inner activation (4x wide, GEGLU's 8x before the gate) is a
+    chunk's, not the whole sequence's: at 1024², 2 x 16384 tokens x 2560 = 160 MiB in bfloat16 (plus the
+    gate's and the product's 80 MiB each), the UNet's largest activation. diffusers' own chunking
+    (``_chunked_feed_forward``) needs the length to be a multiple of the chunk, which no single size is for
+    every processing resolution and level."""
+
+    chunk_tokens = 1024
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tokens = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
+        if torch.is_grad_enabled() or args or kwargs or tokens <= self.chunk_tokens:
+            return super().forward(hidden_states, *args, **kwargs)
+        output = None
+        for start in range(0, tokens, self.chunk_tokens):
+            chunk = super().forward(hidden_states[:, start:start + self.chunk_tokens])
+            if output is None:
+                output = chunk.new_empty(*hidden_states.shape[:2], chunk.shape[-1])
+            output[:, start:start + chunk.shape[1]] = chunk
+        return output
+
+
+def chunk_feed_forwards(unet: nn.Module) -> None:
+    """Make every transformer feed-forward of ``unet`` a ``ChunkedFeedForward`` (in place; parameters kept)."""
+    for module in unet.modules():
+        if type(module) is FeedForward:
+            module.__class__ = ChunkedFeedForward
 
 
 def _dbia_block_like(block: BasicTransformerBlock, transformer_config: Any) -> DBIATransformerBlock:
@@ -313,19 +343,21 @@ class DiffDISUNet(UNet2DConditionModel):
         return model.eval()
 
 
-def read_unet_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None
+def read_unet_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                         memory_format: torch.memory_format | None = None
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Read a UNet safetensors file; for the single-file repack, also its empty-prompt embedding.
 
     ``dtype``: floating tensors are cast to it as they are read, one at a time, so loading the released
-    float32 file into bfloat16 never holds more than one float32 tensor (see ``read_safetensors``).
+    float32 file into bfloat16 never holds more than one float32 tensor (see ``read_safetensors``);
+    ``memory_format``: the convolutions' layout on the device they will run on (made once, not converted).
     """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise pickle_refusal(path)
     # Checked whole first (files.safetensors_layout): a truncated or foreign file is one line saying how.
     # The repack's embedding stays in its own precision (the pipeline keeps it in float32).
-    state = read_safetensors(path, dtype, keep_dtype=(REPACK_EMBED_KEY,))
+    state = read_safetensors(path, dtype, keep_dtype=(REPACK_EMBED_KEY,), memory_format=memory_format)
     embed = state.pop(REPACK_EMBED_KEY, None)
     if any(k.startswith(REPACK_UNET_PREFIX) for k in state):
         state = {k[len(REPACK_UNET_PREFIX):]: v for k, v in state.items() if k.startswith(REPACK_UNET_PREFIX)}

@@ -182,7 +182,7 @@ def set_memory_format(pipeline: DiffDISPipeline, device: torch.device) -> None:
     """Choose the layout for the device the model will run on, not the one it is loaded on: ComfyUI
     moves the modules there later and keeps their layout. Channels-last except on Apple MPS, the
     core's rule (DiffDISPipeline.to)."""
-    pipeline.set_channels_last(device.type in ("cpu", "cuda"))
+    pipeline.set_channels_last(devices.channels_last_on(device))
 
 
 def load(name: str, precision: str, device: str, compile: bool = False) -> DiffDISModel:
