@@ -209,6 +209,21 @@ def conv_limit_gflops(dtype, side: int = 512, channels: int = 128, repeats: int 
     return flops / min(times) / 1e9
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_flops() -> dict:
+    """torch's FLOP counter knows the CUDA attention kernels, not the CPU one (the UNet's attention at 1024²
+    would count as zero FLOPs)."""
+    import torch
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: _cpu_flash_attention_flops} if op is not None else {}
+
+
 def stage_worker(config: dict) -> None:
     """Load the released-layout folder as a user does, then one image stage by stage; print a JSON line
     per stage: seconds, peak GiB, GFLOP."""
@@ -218,6 +233,7 @@ def stage_worker(config: dict) -> None:
     from diffdis_core import DiffDISPipeline
     from diffdis_core.devices import pick_device, pick_dtype, reuse_freed_memory
 
+    attention_flops = _cpu_attention_flops()
     device = pick_device(config["device"])
     dtype = pick_dtype(config["dtype"], device)
     resolution = config["resolution"]
@@ -240,7 +256,7 @@ def stage_worker(config: dict) -> None:
     if config.get("count_flops", True):
         value = None
         for _, stage in stages:  # counted in a pass of their own: counting slows the operations down
-            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=attention_flops) as counter:
                 value = stage(value)
             flops.append(counter.get_total_flops())
         del value
