@@ -524,6 +524,7 @@ class Worker:
         from PIL import Image
 
         from .cutout import cutout_rgba
+        from .devices import reuse_freed_memory
         from .image_io import map_to_uint8, multiply_alpha, open_image
 
         args = self.args
@@ -535,12 +536,15 @@ class Worker:
                            ensemble_size=args.ensemble_size, tta=args.tta, decode_edge="edge" in task.kinds,
                            minmax=not args.no_normalize, output_size=False)
         refine_foreground = "cutout" in task.kinds and not args.no_refine_foreground
-        colours, alpha = cutout_rgba(image.rgb()[None], result.mask.float().cpu(),
-                                     refine_edges=not args.no_refine_edges, refine_foreground=refine_foreground,
-                                     as_uint8=True)
-        mask = alpha[0, 0].numpy()
-        if refine_foreground:  # the subject's own colours where the mask is soft (no fringe of the old background)
+        # The subject's own colours where the mask is soft (no fringe of the old background): an 8-bit image's
+        # are written over its decoded pixels (this run's own copy; the input file is never touched).
+        rgb = image.rgb()[None]
+        with reuse_freed_memory():  # the refinements' band buffers: reused, not left as heap fragments
+            colours, alpha = cutout_rgba(rgb, result.mask.float().cpu(), refine_edges=not args.no_refine_edges,
+                                         refine_foreground=refine_foreground, as_uint8=True, in_place=True)
+        if refine_foreground and colours.data_ptr() != rgb.data_ptr():  # 16-bit and float images
             image.rgba[..., :3] = colours[0].permute(1, 2, 0).numpy()
+        mask = alpha[0, 0].numpy()
         if "mask" in task.kinds:
             self._save(Image.fromarray(mask, "L"), task, "mask")
         if "edge" in task.kinds:

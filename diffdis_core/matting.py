@@ -67,22 +67,25 @@ def _check_maps(image: torch.Tensor, alpha: torch.Tensor, caller: str, same_size
         raise DiffDISError(f"{caller}: image is on {image.device} but alpha on {alpha.device}")
 
 
-def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """The foreground colours ``[B, 3, H, W]`` of ``image`` ``[B, 3, H, W]`` under ``alpha`` ``[B, 1, H, W]``.
 
     Solves ``image = alpha * F + (1 - alpha) * B`` for smooth F and B (Germer et al.'s multi-level method),
     so that where alpha is soft the old background's colour is taken out. Where alpha is 1 the image is
     returned unchanged; where it is 0 the colours are a smooth continuation of the nearby foreground.
     Same device and dtype as ``image``; a uint8 image (0-255) gives uint8 colours, the float ones rounded,
-    without a full-size float copy (the full size is solved in bands of rows).
+    without a full-size float copy (the full size is solved in bands of rows). ``in_place`` (uint8 images):
+    the colours are written over ``image`` itself, which is returned (no second full-size copy).
     """
     _check_maps(image, alpha, "estimate_foreground", same_size=True, allow_uint8=True)
+    if in_place and image.dtype != torch.uint8:
+        raise DiffDISError("estimate_foreground: in_place needs a uint8 image")
     channels = image.shape[1]
     # The colour channels are independent systems: large images are solved one channel at a time (the same
     # result, a third of the working memory), small ones all at once (fewer, larger operations).
     group = 1 if image.shape[-2] * image.shape[-1] >= _CHANNELWISE_PIXELS else channels
     out_dtype = torch.uint8 if image.dtype == torch.uint8 else _WORK_DTYPE
-    foreground = torch.empty(image.shape, dtype=out_dtype, device=image.device)
+    foreground = image if in_place else torch.empty(image.shape, dtype=out_dtype, device=image.device)
     for first in range(0, channels, group):
         _solve_levels(image[:, first:first + group], alpha, foreground[:, first:first + group])
     return foreground.to(image.dtype)
@@ -95,37 +98,74 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def _solve_levels(image: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> None:
     """The foreground colours of ``image`` [B, C, H, W] (float or uint8) from the coarsest level to the full
-    size, written to ``out`` (its dtype: float or uint8, rounded) where alpha is not 1, else the image's."""
+    size, written to ``out`` (its dtype: float or uint8, rounded) where alpha is not 1, else the image's.
+    ``out`` may be ``image`` itself."""
     height, width = image.shape[-2:]
     sizes = _level_sizes(height, width)
     both = None  # the foreground and background colours of the previous level, [B, 2C, h, w]
     for h, w in sizes[:-1]:
+        sweeps = _level_sweeps(h, w, height, width)
+        if both is not None and h > 2 * _band_rows(w, image.device):  # a large level: in bands, as the full size
+            level = torch.empty(*both.shape[:2], h, w, dtype=_WORK_DTYPE, device=image.device)
+
+            def keep(top: int, bottom: int, band_image, band_alpha, band_both, level=level) -> None:
+                level[..., top:bottom, :] = band_both
+            _relax_in_bands(image, alpha, both, (h, w), sweeps, keep)
+            both = level
+            continue
         level_image = _unit(_resize_nearest(image, h, w))
         level_alpha = _resize_nearest(alpha, h, w).to(_WORK_DTYPE).clamp(0, 1)
         both = level_image.repeat(1, 2, 1, 1) if both is None else F.interpolate(both, size=(h, w), mode="nearest")
-        _relax_level(level_image, level_alpha, both, _level_sweeps(h, w, height, width))
-    # The full size (the largest cost) in bands of rows, each with a halo of whole tiles: a tile's activity
-    # looks 1 row past it and its sweeps `sweeps` rows, and every tile of a level reads the level's starting
-    # values only, so a band's own rows come out exactly as whole-level sweeps give them.
-    sweeps = _level_sweeps(height, width, height, width)
+        _relax_level(level_image, level_alpha, both, sweeps)
+    n = image.shape[1]
+
+    def colours(top: int, bottom: int, band_image, band_alpha, band_both) -> None:
+        values = torch.where(band_alpha == 1, band_image, band_both[:, :n])
+        if out.dtype == torch.uint8:
+            values = values.clamp_(0, 1).mul_(255).round_()
+        out[..., top:bottom, :] = values
+    _relax_in_bands(image, alpha, both, (height, width), _level_sweeps(height, width, height, width), colours)
+
+
+def _band_rows(width: int, device: torch.device) -> int:
+    tile = _TILE if device.type == "cpu" else _TILE_ACCELERATOR
+    return max(1, _BAND_PIXELS // (width * tile)) * tile
+
+
+def _relax_in_bands(image: torch.Tensor, alpha: torch.Tensor, previous: torch.Tensor, size: tuple[int, int],
+                    sweeps: int, emit) -> None:
+    """One level of ``size`` relaxed in bands of rows, starting from the ``previous`` level's colours; each
+    band's own rows go to ``emit(top, bottom, image, alpha, both)`` once the next band has read its input
+    (so ``emit`` may write over ``image``). Each band has a halo of whole tiles: a tile's activity looks 1
+    row past it and its sweeps ``sweeps`` rows, and every tile of a level reads the level's starting values
+    only, so a band's own rows come out exactly as whole-level sweeps give them. The level's image and
+    alpha rows are read from the full size as ``interpolate(mode="nearest")`` would."""
+    height, width = size
     tile = _TILE if image.device.type == "cpu" else _TILE_ACCELERATOR
     halo = tile * -(-(sweeps + 1) // tile)
-    rows = max(1, _BAND_PIXELS // (width * tile)) * tile
-    # Where interpolate(both, (height, width), "nearest") reads each row and column from.
-    from_rows, from_cols = (_nearest_index(n, m, image.device) for n, m in zip(both.shape[-2:], (height, width)))
-    n = image.shape[1]
+    rows = _band_rows(width, image.device)
+    full = tuple(image.shape[-2:]) == size
+    if not full:  # where the level's rows and columns come from in the full size
+        image_rows, image_cols = (_nearest_index(n, m, image.device) for n, m in zip(image.shape[-2:], size))
+    # Where interpolate(previous, size, "nearest") reads each row and column from.
+    from_rows, from_cols = (_nearest_index(n, m, image.device) for n, m in zip(previous.shape[-2:], size))
+    pending = None
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
         start, stop = max(0, top - halo), min(height, bottom + halo)
-        band_image = _unit(image[..., start:stop, :])
-        band_alpha = alpha[..., start:stop, :].to(_WORK_DTYPE).clamp(0, 1)
-        band_both = both.index_select(2, from_rows[start:stop]).index_select(3, from_cols)
+        if full:
+            band_image, band_alpha = image[..., start:stop, :], alpha[..., start:stop, :]
+        else:
+            band_image = image.index_select(2, image_rows[start:stop]).index_select(3, image_cols)
+            band_alpha = alpha.index_select(2, image_rows[start:stop]).index_select(3, image_cols)
+        band_image, band_alpha = _unit(band_image), band_alpha.to(_WORK_DTYPE).clamp(0, 1)
+        if pending is not None:  # the previous band, now that this one has read the rows it shares with it
+            emit(*pending)
+        band_both = previous.index_select(2, from_rows[start:stop]).index_select(3, from_cols)
         _relax_level(band_image, band_alpha, band_both, sweeps)
         own = slice(top - start, bottom - start)
-        colours = torch.where(band_alpha[..., own, :] == 1, band_image[..., own, :], band_both[:, :n, own])
-        if out.dtype == torch.uint8:
-            colours = colours.clamp_(0, 1).mul_(255).round_()
-        out[..., top:bottom, :] = colours
+        pending = (top, bottom, band_image[..., own, :], band_alpha[..., own, :], band_both[..., own, :])
+    emit(*pending)
 
 
 def _level_sweeps(h: int, w: int, height: int, width: int) -> int:

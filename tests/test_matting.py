@@ -227,3 +227,24 @@ def test_the_8_bit_cutout_is_the_float_cutout_rounded(composite, refine_edges, r
     assert ((alpha * 255).round() - alpha8.float()).abs().max() <= 1
     if not refine_foreground:
         assert rgb8 is eight_bit
+
+
+def test_foreground_over_the_image_itself_is_the_same(composite, monkeypatch):
+    """in_place (the command line's memory saving): colours written over the uint8 image, in bands whose
+    halos overlap the rows already finished, equal the separate result; large levels in bands too."""
+    image, alpha = composite["image"], composite["alpha"]
+    eight_bit = (image * 255).round().to(torch.uint8)
+    monkeypatch.setattr(matting, "_TILE", 16)
+    separate = estimate_foreground(eight_bit, alpha)
+    monkeypatch.setattr(matting, "_BAND_PIXELS", 16 * image.shape[-1])  # the full size and the next level in bands
+    monkeypatch.setattr(matting, "_CHANNELWISE_PIXELS", 1)
+    levels = []
+    relax_in_bands = matting._relax_in_bands
+    monkeypatch.setattr(matting, "_relax_in_bands", lambda i, a, p, size, s, e: levels.append(size) or
+                        relax_in_bands(i, a, p, size, s, e))
+    target = eight_bit.clone()
+    result = estimate_foreground(target, alpha, in_place=True)
+    assert result is target and len(levels) > 3  # per channel: the full size and at least one level below
+    assert torch.equal(target, separate)
+    with pytest.raises(DiffDISError, match="in_place needs a uint8 image"):
+        estimate_foreground(image, alpha, in_place=True)
