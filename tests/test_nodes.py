@@ -1338,7 +1338,7 @@ def test_refinements_run_in_chunks_with_progress_and_cancel(monkeypatch, memory_
 
     estimate = core_cutout.estimate_foreground
     monkeypatch.setattr(core_cutout, "estimate_foreground",
-                        lambda image, alpha: sizes.append(image.shape[0]) or estimate(image, alpha))
+                        lambda image, alpha, *rest: sizes.append(image.shape[0]) or estimate(image, alpha, *rest))
     chunked = refinement.refine_cutouts(image, mask, 64, True, True, torch.device("cpu"), progress=progress)
     assert sizes == [2, 2, 1] and progress.current == 5
     for a, b in zip(whole, chunked, strict=True):
