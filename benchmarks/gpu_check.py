@@ -139,9 +139,9 @@ def speed_row(master, device, dtype_name: str, compiled: bool, edge: bool, size:
     return row
 
 
-def import_pack():
-    """The node pack, imported the way ComfyUI imports custom nodes (by file path, any package name)."""
-    name = "diffdis_gpu_check_pack"
+def import_pack(name: str = "diffdis_gpu_check_pack"):
+    """The node pack, imported the way ComfyUI imports custom nodes (spec from <folder>/__init__.py, any
+    package name; the tests import it under names with spaces and slashes, as ComfyUI's folders have)."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")

@@ -6,7 +6,6 @@ package name made from the folder's path, so everything inside must resolve rela
 """
 
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import pytest
 import torch
 from tolerances import assert_close_across_kernels
 
+from benchmarks.gpu_check import import_pack
+
 ROOT = Path(__file__).resolve().parents[1]
 NODE_IDS = ["DiffDISLoader", "DiffDISEncodeCondition", "DiffDISOneStepSegment", "DiffDISDecode", "DiffDISApplyAlpha",
             "DiffDISRemoveBackground"]
@@ -29,17 +30,6 @@ COMFY_MODULES = ["folder_paths", "comfy", "comfy.model_management", "comfy.model
 SEARCH_TERMS = ["remove background", "background removal", "rembg", "cutout", "matting", "segmentation", "alpha",
                 "mask", "DIS"]
 RES = 64  # the tiny model's processing resolution
-
-
-def import_pack(name: str) -> types.ModuleType:
-    """Import the pack like ComfyUI's load_custom_node: spec from <folder>/__init__.py, any name."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def node_classes(pack: types.ModuleType) -> dict:

@@ -8,7 +8,6 @@ tiny fixture model.
 
 import asyncio
 import concurrent.futures
-import importlib.util
 import json
 import shutil
 import sys
@@ -19,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from benchmarks.gpu_check import import_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -50,16 +51,6 @@ CORE_WIDGETS = {
     "SplitImageWithAlpha": [],
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def import_pack(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def node_classes(pack) -> dict:
